@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create the project virtualenv and install the pinned requirements, then msclip itself.
+# Idempotent: re-running only re-checks what pip already has. Never loosens the torch pin.
+set -euo pipefail
+PY="${1:-python3}"
+VENV="${2:-.venv}"
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "[setup] creating $VENV with $($PY --version)"
+    "$PY" -m venv "$VENV"
+fi
+echo "[setup] installing pinned requirements (torch==2.14.1, torchvision==0.29.1, ...)"
+"$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# --no-deps: requirements.txt already pinned everything; this keeps pip from re-resolving torch.
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+"$VENV/bin/python" - <<'PY'
+import torch, torchvision, open_clip
+assert torch.__version__.startswith("2.14.1"), f"unexpected torch {torch.__version__}"
+print(f"[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, open_clip {open_clip.__version__}")
+PY

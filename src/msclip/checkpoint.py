@@ -1,0 +1,145 @@
+"""Reading and writing model weights: msclip's own format, the official MS-CLIP layout, and
+OpenAI / open_clip CLIP layouts. Every read uses `weights_only=True`; every write is atomic."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelCfg
+from .convert import CheckpointMismatch, from_official, looks_official, to_official
+
+FORMAT_VERSION = 1
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not hold model weights."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read a weights file -> (flat state_dict, embedded model config or None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        config = json.loads(meta["msclip_config"]) if "msclip_config" in meta else None
+        return state, config
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt or not a torch file?): "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    config = None
+    if isinstance(obj, dict):
+        config = obj.get("model_config") if isinstance(obj.get("model_config"), dict) else None
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds {type(obj).__name__}, not a state_dict of tensors")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: key {key!r} is not a string; not a state_dict")
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    tensors = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors; not a state_dict")
+    return state, config
+
+
+def convert_state_dict(state: dict[str, Any], model: nn.Module, source: str = "checkpoint") -> dict:
+    """Any supported layout -> msclip keys for `model`, strictly checked."""
+    target = model.state_dict()
+    if looks_official(state):
+        return from_official(state, target, model.cfg, source)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+             for k in target if k in state and isinstance(state[k], torch.Tensor)
+             and state[k].shape != target[k].shape]
+    not_tensor = [f"{k}: {type(state[k]).__name__}" for k in target if k in state
+                  and not isinstance(state[k], torch.Tensor)]
+    problems = [f"  {title} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+                for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("wrong shapes", wrong), ("not tensors", not_tensor)) if items]
+    if problems:
+        raise CheckpointMismatch(f"{source} does not fit model {model.cfg.name or '(unnamed)'}:\n" + "\n".join(problems))
+    return state
+
+
+def _architecture(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("name", "preprocess", "init_logit_scale")}
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights from `path` (msclip, official MS-CLIP, OpenAI or open_clip layout) into `model`."""
+    state, config = load_state_dict_file(path)
+    if config is not None:
+        mine = _architecture(model.cfg.to_dict())
+        theirs = _architecture(ModelCfg.from_dict(config, source=f"{path} (embedded config)").to_dict())
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise CheckpointMismatch(f"{path} was saved from a different architecture "
+                                     f"(differs in: {', '.join(diff)}) than model {model.cfg.name!r}")
+    converted = convert_state_dict(state, model, source=str(path))
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save weights + config (`.safetensors`, or a torch file otherwise) atomically."""
+    path = Path(path)
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = model.cfg.to_dict()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"msclip_config": json.dumps(config), "msclip_format": str(FORMAT_VERSION)}
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    else:
+        atomic_save({"msclip_format": FORMAT_VERSION, "model_config": config, "state_dict": state}, path)
+
+
+def save_official(model: nn.Module, path: str | os.PathLike) -> None:
+    """Export to the official MS-CLIP layout (raw state_dict, shared tensors under both names)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save(to_official(state, model.cfg), path)

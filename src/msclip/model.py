@@ -1,0 +1,217 @@
+"""MSCLIP: one dual-encoder class for the whole sharing spectrum (CLIP ... MS-CLIP-S).
+
+Data flow:
+  image -> ImageEmbed (patchify or conv stem, +cls, +pos, ln_pre) -> Trunk("image", lateral hook
+        fusing the ParallelBranch before the configured layers) -> ln_post(cls) @ proj
+  tokens -> TextEmbed (token + pos) -> Trunk("text", causal) -> ln_final(EOT token) @ proj
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelCfg
+from .layers import LayerNorm
+from .parallel import ParallelBranch
+from .stems import ConvStem, PatchEmbed
+from .trunk import Trunk
+
+# Round trimmed text lengths up to a multiple of this, so compiled graphs see few distinct shapes.
+_TRIM_MULTIPLE = 8
+
+
+class ImageEmbed(nn.Module):
+    def __init__(self, cfg: ModelCfg):
+        super().__init__()
+        v, d = cfg.vision, cfg.vision.width
+        if v.stem == "conv":
+            self.stem: nn.Module = ConvStem(d, cfg.stem_strides(), v.stem_first_kernel)
+        else:
+            self.stem = PatchEmbed(d, v.patch_size)
+        grid = cfg.grid_size()
+        self.class_embedding = nn.Parameter(torch.zeros(d))
+        self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, d))
+        self.ln_pre = LayerNorm(d, eps=cfg.norm_eps)
+        self.ln_post = LayerNorm(d, eps=cfg.norm_eps)
+        self.proj = nn.Parameter(torch.zeros(d, cfg.embed_dim))
+        self.parallel = None
+        if cfg.parallel is not None:
+            self.parallel = ParallelBranch(d, cfg.parallel_strides(), cfg.parallel_t2b_kernels(),
+                                           cfg.norm_eps, cfg.parallel.bottleneck_bn_eps)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.stem(images)
+        b, d, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # row-major grid -> [B, h*w, D]
+        cls = self.class_embedding.to(x.dtype).expand(b, 1, d)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x), h, w
+
+
+class TextEmbed(nn.Module):
+    def __init__(self, cfg: ModelCfg):
+        super().__init__()
+        t = cfg.text
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.zeros(t.context_length, t.width))
+        self.ln_final = LayerNorm(t.width, eps=cfg.norm_eps)
+        self.proj = nn.Parameter(torch.zeros(t.width, cfg.embed_dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(tokens)
+        return x + self.positional_embedding[: tokens.shape[1]].to(x.dtype)
+
+
+class MSCLIP(nn.Module):
+    def __init__(self, cfg: ModelCfg):
+        super().__init__()
+        cfg.validate(cfg.name or "config")
+        self.cfg = cfg
+        self.image = ImageEmbed(cfg)
+        self.text = TextEmbed(cfg)
+        self.trunk = Trunk(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.init_weights()
+
+    # ------------------------------------------------------------------ encoders
+    def _image_tokens(self, images: torch.Tensor, collect: dict | None = None,
+                      attn_layers: tuple[int, ...] = ()) -> torch.Tensor:
+        images = images.to(self.image.positional_embedding.dtype)
+        x, h, w = self.image(images)
+        hook = None
+        if self.image.parallel is not None:
+            hook = self._lateral_hook(images, h, w)
+        return self.trunk(x, "image", hook, collect, attn_layers)
+
+    def _lateral_hook(self, images: torch.Tensor, h: int, w: int):
+        branch = self.image.parallel
+        where = {layer: j for j, layer in enumerate(self.cfg.parallel.lateral_layers)}
+        state = {"feat": images}
+
+        def before_block(layer: int, x: torch.Tensor) -> torch.Tensor:
+            j = where.get(layer)
+            if j is None:
+                return x
+            # Stages run lazily, each right before its adapter; the adapters never modify them.
+            state["feat"] = branch.stages[j](state["feat"])
+            return branch.adapters[j](x, state["feat"], h, w)
+
+        return before_block
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self._image_tokens(images)
+        x = self.image.ln_post(x[:, 0]) @ self.image.proj.to(x.dtype)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    @staticmethod
+    def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+        """Cut a batch to its longest caption. Exact: the text is causal and pooled at the EOT
+        (argmax) position, so tokens after every EOT cannot change the pooled outputs."""
+        longest = int(tokens.argmax(dim=-1).max()) + 1
+        length = min(tokens.shape[1], math.ceil(longest / _TRIM_MULTIPLE) * _TRIM_MULTIPLE)
+        return tokens[:, :length]
+
+    def _text_tokens(self, tokens: torch.Tensor, collect: dict | None = None,
+                     attn_layers: tuple[int, ...] = ()) -> torch.Tensor:
+        x = self.text(tokens).to(self.text.positional_embedding.dtype)
+        return self.trunk(x, "text", None, collect, attn_layers)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
+        if trim:
+            tokens = self.trim_tokens(tokens)
+        x = self._text_tokens(tokens)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        x = self.text.ln_final(pooled) @ self.text.proj.to(x.dtype)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> dict:
+        out: dict = {"logit_scale": self.logit_scale.exp()}
+        if images is not None:
+            out["image_features"] = self.encode_image(images, normalize=True)
+        if tokens is not None:
+            out["text_features"] = self.encode_text(tokens, normalize=True)
+        return out
+
+    @torch.no_grad()
+    def forward_intermediates(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                              attn_layers: tuple[int, ...] | list[int] = ()) -> dict:
+        """Per-layer hidden states, pooled tokens and (for `attn_layers`) attention maps, computed by
+        this very model (the attention path is the explicit-softmax twin of the fused one)."""
+        attn_layers = tuple(attn_layers)
+        out: dict = {}
+        if images is not None:
+            col: dict = {}
+            self._image_tokens(images, col, attn_layers)
+            out["image_hidden"] = col.get("hidden", [])
+            out["image_pooled"] = [h[:, 0] for h in out["image_hidden"]]
+            out["image_layers"] = col.get("layers", [])
+            out["image_attn"] = col.get("attn", {})
+        if tokens is not None:
+            col = {}
+            self._text_tokens(tokens, col, attn_layers)
+            eot = tokens.argmax(dim=-1)
+            rows = torch.arange(tokens.shape[0], device=tokens.device)
+            out["text_hidden"] = col.get("hidden", [])
+            out["text_pooled"] = [h[rows, eot] for h in out["text_hidden"]]
+            out["text_layers"] = col.get("layers", [])
+            out["text_attn"] = col.get("attn", {})
+        return out
+
+    # ------------------------------------------------------------------ utilities
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.grad_checkpointing = enable
+
+    def param_modality(self) -> dict[str, str]:
+        """Each named parameter -> "shared" | "image" | "text" | "other"."""
+        out = {}
+        for name, _ in self.named_parameters():
+            if ".shared." in name:
+                out[name] = "shared"
+            elif name.startswith("image.") or ".image." in name:
+                out[name] = "image"
+            elif name.startswith("text.") or ".text." in name:
+                out[name] = "text"
+            else:
+                out[name] = "other"
+        return out
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {"shared": 0, "image": 0, "text": 0, "other": 0}
+        params = dict(self.named_parameters())
+        for name, group in self.param_modality().items():
+            counts[group] += params[name].numel()
+        counts["total"] = sum(counts[g] for g in ("shared", "image", "text", "other"))
+        counts["image_encoder"] = counts["shared"] + counts["image"]
+        counts["text_encoder"] = counts["shared"] + counts["text"]
+        return counts
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Biases, norm/BN affine parameters, embeddings and the temperature."""
+        out = set()
+        for name, p in self.named_parameters():
+            if p.ndim < 2 or "embedding" in name or name == "logit_scale":
+                out.add(name)
+        return out
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation as in the official MS-CLIP code (spec section 8), except the token
+        embedding, which uses std 0.02 as OpenAI CLIP does (the official N(0, 1) is needlessly large)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.trunk.blocks:
+            for lin in block.attn_in.values():
+                nn.init.xavier_uniform_(lin.weight)
+        d = self.cfg.vision.width
+        self.image.class_embedding.normal_(0, d ** -0.5)
+        self.image.positional_embedding.normal_(0, d ** -0.5)
+        self.image.proj.normal_(0, d ** -0.5)
+        nn.init.normal_(self.text.token_embedding.weight, std=0.02)
+        nn.init.trunc_normal_(self.text.positional_embedding, std=0.02)
+        nn.init.trunc_normal_(self.text.proj, std=0.02)

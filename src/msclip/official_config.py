@@ -1,0 +1,211 @@
+"""Read model yamls in the official MS-CLIP (yacs) format and translate them into a `ModelCfg`.
+
+Supports BASE merging (paths relative to the yaml, depth first), MODEL.SPEC, TRAIN/TEST image size,
+INPUT mean/std and the CUSTOM switches that the released models use. A key the official defaults do
+not know, or a CUSTOM switch that msclip does not implement, is an error naming the key.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, ModelCfg
+
+# Sections of the official default tree whose keys are fixed (yacs rejects others); None = open.
+_TOP = {
+    "BASE": None, "NAME": None, "DATA_DIR": None, "DIST_BACKEND": None, "GPUS": None,
+    "MULTIPROCESSING_DISTRIBUTED": None, "OUTPUT_DIR": None, "PIN_MEMORY": None, "PRINT_FREQ": None,
+    "RANK": None, "VERBOSE": None, "WORKERS": None, "LOGGING_LEVEL": None, "USE_DEEPSPEED": None,
+    "AMP": {"ENABLED", "MEMORY_FORMAT"},
+    "CUDNN": {"BENCHMARK", "DETERMINISTIC", "ENABLED"},
+    "MODEL": None, "LOSS": None, "DATASET": None, "INPUT": {"MEAN", "STD"}, "AUG": None, "SWA": None,
+    "TRAIN": None, "TEST": None, "FINETUNE": None, "DEBUG": None, "DEEPSPEED": None, "CUSTOM": None,
+}
+_MODEL_KEYS = {"NAME", "INIT_WEIGHTS", "PRETRAINED", "PRETRAINED_LAYERS", "NUM_CLASSES", "SPEC", "PRETRAINED_MODEL"}
+_SPEC_KEYS = {"EMBED_DIM", "GATHER_TENSORS", "VISION", "TEXT", "POOL_TYPE", "SKIP_CLS"}
+_VISION_KEYS = {"MODEL", "PATCH_SIZE", "WIDTH", "LAYERS", "DROP_PATH"}
+_TEXT_KEYS = {"TOKENIZER", "STYLE", "CONTEXT_LENGTH", "VOCAB_SIZE", "WIDTH", "HEADS", "LAYERS"}
+_MODEL_NAMES = {"clip_openai", "clip_openai_pe_res_v1"}
+# CUSTOM keys msclip implements (the released MS-CLIP-S configuration space), with code defaults.
+_CUSTOM_DEFAULTS: dict[str, Any] = {
+    "CUSTOM_ATTN": False, "SHARE_MODULES": [], "N_LAYERS": 0, "SHARE_BOTTOM_LAYER": False,
+    "LR_SHARE": 0.0, "WD_SHARE": 0.0, "LORA_WHERE_ADD": "v0",
+    "EARLY_CONV": False, "EARLY_CONV_NEW_IMPLEMENT": False, "VISUAL_LAYER_MINUS1": False,
+    "EARLY_CONV_RES": False, "EARLY_CONV_RES_FIRSTCONV_KERNEL": 3, "EARLY_CONV_RES_BLOCK": "basic_v0",
+    "EARLY_CONV_RES_LAYERS": [1, 1, 1, 1], "EARLY_CONV_RES_STRIDES": [2, 2, 2, 2],
+    "PARALLEL_IN_V": False, "PARALLEL_N_LAYERS": 5, "PARALLEL_LATERAL_LAYER": [2, 4, 6, 8, 10],
+    "PARALLEL_KERNELS": [3, 3, 3, 3, 3], "PARALLEL_PADDINGS": [1, 1, 1, 1, 1], "PARALLEL_STRIDES": [2, 2, 2, 2, 2],
+    "PRALLEL_T2B_KERNELS": [16, 8, 4, 2, 1], "PRALLEL_T2B_PADDINGS": [0, 0, 0, 0, 0],
+    "PRALLEL_T2B_STRIDES": [16, 8, 4, 2, 1], "PRALLEL_T2B_USECLS": True,
+    "PARALLEL_RESNET": False, "PARALLEL_RESNET_LAYERS": [0, 1, 1, 1, 1],
+}
+_SHARE_MODULE_MAP = {"attn.in_proj_weight": "attn_in", "attn.in_proj_bias": "attn_in",
+                     "attn.out_proj": "attn_out", "mlp": "mlp", "ln_1": "ln_1", "ln_2": "ln_2"}
+
+
+@dataclass
+class OfficialConfig:
+    model_cfg: ModelCfg
+    pretrained_path: str | None  # MODEL.PRETRAINED_MODEL as written (relative to the working directory)
+    raw: dict  # merged yaml tree
+    lr_share: float
+    wd_share: float
+    source: str
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_merged_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: BASE files include each other")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    merged: dict = {}
+    for base in data.get("BASE") or []:
+        if base:
+            merged = _merge(merged, read_merged_yaml(path.parent / base, _seen + (path.resolve(),)))
+    return _merge(merged, {k: v for k, v in data.items() if k != "BASE"})
+
+
+def _check_keys(section: dict, allowed: set[str], where: str, source: str) -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping")
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{source}: unknown key {where}.{key} (known: {', '.join(sorted(allowed))})")
+
+
+def load_official_yaml(path: str | Path) -> OfficialConfig:
+    source = str(path)
+    raw = read_merged_yaml(path)
+    for key, value in raw.items():
+        if key not in _TOP:
+            raise ConfigError(f"{source}: unknown top-level key {key!r}")
+        if _TOP[key] is not None:
+            _check_keys(value, _TOP[key], key, source)
+    model = raw.get("MODEL") or {}
+    _check_keys(model, _MODEL_KEYS, "MODEL", source)
+    name = model.get("NAME", "")
+    if name not in _MODEL_NAMES:
+        raise ConfigError(f"{source}: MODEL.NAME {name!r} is not an MS-CLIP model (expected one of {sorted(_MODEL_NAMES)})")
+    spec = model.get("SPEC") or {}
+    _check_keys(spec, _SPEC_KEYS, "MODEL.SPEC", source)
+    vision, text = spec.get("VISION") or {}, spec.get("TEXT") or {}
+    _check_keys(vision, _VISION_KEYS, "MODEL.SPEC.VISION", source)
+    _check_keys(text, _TEXT_KEYS, "MODEL.SPEC.TEXT", source)
+    _require(vision.get("MODEL", "vit") == "vit", source, "MODEL.SPEC.VISION.MODEL", vision.get("MODEL"), "'vit'")
+    _require(float(vision.get("DROP_PATH", 0.0)) == 0.0, source, "MODEL.SPEC.VISION.DROP_PATH",
+             vision.get("DROP_PATH"), "0.0")
+    _require(spec.get("POOL_TYPE", "default") == "default", source, "MODEL.SPEC.POOL_TYPE", spec.get("POOL_TYPE"), "'default'")
+    _require(not spec.get("SKIP_CLS", False), source, "MODEL.SPEC.SKIP_CLS", spec.get("SKIP_CLS"), "False")
+    for key, want in (("TOKENIZER", "clip"), ("STYLE", "clip")):
+        _require(text.get(key, want) == want, source, f"MODEL.SPEC.TEXT.{key}", text.get(key), repr(want))
+
+    custom = dict(_CUSTOM_DEFAULTS)
+    for key, value in (raw.get("CUSTOM") or {}).items():
+        if key not in _CUSTOM_DEFAULTS:
+            raise ConfigError(f"{source}: CUSTOM.{key} is an official switch that msclip does not implement")
+        custom[key] = value
+    train_size = (raw.get("TRAIN") or {}).get("IMAGE_SIZE", [224, 224])
+    input_cfg = raw.get("INPUT") or {}
+    width = vision.get("WIDTH", 768)
+    cfg: dict[str, Any] = {
+        "name": Path(path).stem,
+        "embed_dim": spec.get("EMBED_DIM", 512),
+        # The official code hard-wires the image head count to width // 64 (no config key).
+        "vision": {"image_size": int(train_size[0]), "patch_size": vision.get("PATCH_SIZE", 32), "width": width,
+                   "layers": vision.get("LAYERS", 12), "heads": max(1, width // 64)},
+        "text": {"context_length": text.get("CONTEXT_LENGTH", 77), "vocab_size": text.get("VOCAB_SIZE", 49408),
+                 "width": text.get("WIDTH", 512), "layers": text.get("LAYERS", 12), "heads": text.get("HEADS", 8),
+                 "truncate": "hard"},
+        "norm_eps": 1e-12,
+        "init_logit_scale": 1.0,
+        "preprocess": {"mean": list(input_cfg.get("MEAN", [0.485, 0.456, 0.406])),
+                       "std": list(input_cfg.get("STD", [0.229, 0.224, 0.225])),
+                       "interpolation": "bicubic", "resize_mode": "shortest"},
+        "share": _share_rules(custom, source),
+    }
+    if name == "clip_openai" and (custom["EARLY_CONV"] or custom["PARALLEL_IN_V"] or custom["SHARE_MODULES"]):
+        raise ConfigError(f"{source}: MODEL.NAME clip_openai has no sharing, early conv or parallel branch; "
+                          f"use clip_openai_pe_res_v1")
+    _early_conv(custom, cfg, source)
+    _parallel(custom, cfg, source)
+    model_cfg = ModelCfg.from_dict(cfg, source=source)
+    return OfficialConfig(model_cfg=model_cfg, pretrained_path=model.get("PRETRAINED_MODEL") or None, raw=raw,
+                          lr_share=float(custom["LR_SHARE"]), wd_share=float(custom["WD_SHARE"]), source=source)
+
+
+def _require(ok: bool, source: str, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {key}={value!r} is not supported by msclip (only {want})")
+
+
+def _share_rules(custom: dict, source: str) -> list[dict]:
+    modules = custom["SHARE_MODULES"] or []
+    if not isinstance(modules, list):
+        raise ConfigError(f"{source}: CUSTOM.SHARE_MODULES must be a list, got {modules!r}")
+    if not modules:
+        return []
+    _require(not custom["SHARE_BOTTOM_LAYER"], source, "CUSTOM.SHARE_BOTTOM_LAYER", custom["SHARE_BOTTOM_LAYER"], "False")
+    comps = set()
+    for m in modules:
+        if m not in _SHARE_MODULE_MAP:
+            raise ConfigError(f"{source}: CUSTOM.SHARE_MODULES entry {m!r} is not supported "
+                              f"(known: {sorted(_SHARE_MODULE_MAP)})")
+        comps.add(_SHARE_MODULE_MAP[m])
+    if ("attn.in_proj_weight" in modules) != ("attn.in_proj_bias" in modules):
+        raise ConfigError(f"{source}: CUSTOM.SHARE_MODULES must share attn.in_proj_weight and attn.in_proj_bias together")
+    return [{"components": sorted(comps), "layers": {"from": int(custom["N_LAYERS"])}}]
+
+
+def _early_conv(custom: dict, cfg: dict, source: str) -> None:
+    if not custom["EARLY_CONV"]:
+        return
+    for key, want in (("EARLY_CONV_NEW_IMPLEMENT", True), ("EARLY_CONV_RES", True), ("VISUAL_LAYER_MINUS1", False),
+                      ("EARLY_CONV_RES_BLOCK", "basic_v0"), ("EARLY_CONV_RES_LAYERS", [1, 1, 1, 1])):
+        _require(custom[key] == want, source, f"CUSTOM.{key}", custom[key], repr(want))
+    kernel = custom["EARLY_CONV_RES_FIRSTCONV_KERNEL"]
+    _require(kernel in (3, 7), source, "CUSTOM.EARLY_CONV_RES_FIRSTCONV_KERNEL", kernel, "3 or 7")
+    cfg["vision"].update(stem="conv", stem_strides=list(custom["EARLY_CONV_RES_STRIDES"]), stem_first_kernel=kernel)
+
+
+def _parallel(custom: dict, cfg: dict, source: str) -> None:
+    if not custom["PARALLEL_IN_V"]:
+        return
+    n = int(custom["PARALLEL_N_LAYERS"])
+    laterals = list(custom["PARALLEL_LATERAL_LAYER"])
+    for key in ("PARALLEL_LATERAL_LAYER", "PARALLEL_KERNELS", "PARALLEL_PADDINGS", "PARALLEL_STRIDES",
+                "PRALLEL_T2B_KERNELS", "PRALLEL_T2B_PADDINGS", "PRALLEL_T2B_STRIDES", "PARALLEL_RESNET_LAYERS"):
+        if len(custom[key]) != n:
+            raise ConfigError(f"{source}: CUSTOM.{key} needs PARALLEL_N_LAYERS={n} values, got {custom[key]}")
+    _require(all(k == 3 for k in custom["PARALLEL_KERNELS"]), source, "CUSTOM.PARALLEL_KERNELS", custom["PARALLEL_KERNELS"], "3s")
+    _require(all(p == 1 for p in custom["PARALLEL_PADDINGS"]), source, "CUSTOM.PARALLEL_PADDINGS", custom["PARALLEL_PADDINGS"], "1s")
+    _require(custom["PRALLEL_T2B_KERNELS"] == custom["PRALLEL_T2B_STRIDES"], source, "CUSTOM.PRALLEL_T2B_STRIDES",
+             custom["PRALLEL_T2B_STRIDES"], "equal to PRALLEL_T2B_KERNELS")
+    _require(all(p == 0 for p in custom["PRALLEL_T2B_PADDINGS"]), source, "CUSTOM.PRALLEL_T2B_PADDINGS",
+             custom["PRALLEL_T2B_PADDINGS"], "0s")
+    _require(custom["PRALLEL_T2B_USECLS"] is True, source, "CUSTOM.PRALLEL_T2B_USECLS", custom["PRALLEL_T2B_USECLS"], "True")
+    _require(custom["PARALLEL_RESNET"] is True, source, "CUSTOM.PARALLEL_RESNET", custom["PARALLEL_RESNET"], "True")
+    _require(list(custom["PARALLEL_RESNET_LAYERS"][1:]) == [1] * (n - 1), source, "CUSTOM.PARALLEL_RESNET_LAYERS",
+             custom["PARALLEL_RESNET_LAYERS"], "[0, 1, 1, ...]")
+    cfg["parallel"] = {"lateral_layers": laterals, "strides": list(custom["PARALLEL_STRIDES"]),
+                       "t2b_kernels": list(custom["PRALLEL_T2B_KERNELS"])}

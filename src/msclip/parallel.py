@@ -1,0 +1,84 @@
+"""MS-CLIP-S's parallel conv branch and the lateral adapters that fuse it into the image tokens.
+
+The branch runs on the input image; stage j's output feeds adapter j, which *replaces* the tokens
+entering trunk layer `lateral_layers[j]` (there is no residual from the old tokens: they survive only
+through a 3x3 depthwise conv). Information flows one way, branch -> trunk.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import LayerNorm
+
+
+class FirstStage(nn.Module):
+    def __init__(self, c_out: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class BottleneckStage(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 bottleneck with a projected shortcut; BN eps 1e-6 as released."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, eps: float):
+        super().__init__()
+        mid = c_out // 2
+        self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid, eps=eps)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid, eps=eps)
+        self.conv3 = nn.Conv2d(mid, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out, eps=eps)
+        self.residual_conv = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+        self.residual_bn = nn.BatchNorm2d(c_out, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + self.residual_bn(self.residual_conv(x)))
+
+
+class LateralAdapter(nn.Module):
+    """Fuse a branch feature map into the tokens: LN(cat(2*cls, dwBN(grid) + pw(dwBN_k(P))))."""
+
+    def __init__(self, c_branch: int, width: int, kernel: int, eps: float):
+        super().__init__()
+        # top -> bottom: learned per-channel kxk pooling onto the token grid, then 1x1 to the width
+        self.t2b_dw = nn.Conv2d(c_branch, c_branch, kernel, stride=kernel, groups=c_branch, bias=False)
+        self.t2b_bn = nn.BatchNorm2d(c_branch)
+        self.t2b_pw = nn.Conv2d(c_branch, width, 1, bias=False)
+        # bottom: the trunk's patch tokens as a grid through a 3x3 depthwise conv
+        self.bottom_dw = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
+        self.bottom_bn = nn.BatchNorm2d(width)
+        self.ln = LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor, branch: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        b, n, d = x.shape
+        cls, patches = x[:, :1], x[:, 1:]
+        grid = patches.transpose(1, 2).reshape(b, d, h, w)  # row-major token order
+        bottom = self.bottom_bn(self.bottom_dw(grid)).flatten(2).transpose(1, 2)
+        top = self.t2b_pw(self.t2b_bn(self.t2b_dw(branch)))
+        if top.shape[-2:] != (h, w):
+            raise RuntimeError(f"lateral adapter: branch map {tuple(top.shape[-2:])} != token grid {(h, w)}")
+        top = top.flatten(2).transpose(1, 2).to(bottom.dtype)
+        # The released models concatenate the class token in front of the top path too: cls + cls.
+        return self.ln(torch.cat([cls + cls, bottom + top], dim=1))
+
+
+class ParallelBranch(nn.Module):
+    def __init__(self, width: int, strides: list[int], kernels: list[int], norm_eps: float,
+                 bottleneck_eps: float):
+        super().__init__()
+        n = len(strides)
+        channels = [width // 2 ** (n - 1 - j) for j in range(n)]
+        self.stages = nn.ModuleList([FirstStage(channels[0], strides[0])])
+        for j in range(1, n):
+            self.stages.append(BottleneckStage(channels[j - 1], channels[j], strides[j], bottleneck_eps))
+        self.adapters = nn.ModuleList(
+            LateralAdapter(c, width, k, norm_eps) for c, k in zip(channels, kernels))

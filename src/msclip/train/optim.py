@@ -1,0 +1,66 @@
+"""AdamW with parameter groups: {decay, no-decay} x {modality-shared, not shared}.
+
+No weight decay for biases, norm layers, embeddings, class/positional embeddings and logit_scale (the
+model's ``no_weight_decay_names()``, plus every tensor with fewer than two dimensions, e.g. BatchNorm).
+Shared parameters get their own lr / weight decay (the official LR_SHARE / WD_SHARE).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from msclip.train.recipe import OptimRecipe
+
+GROUP_NAMES = ("decay", "no_decay", "shared_decay", "shared_no_decay")
+
+
+def scaled_lr(lr: float, cfg: OptimRecipe, global_batch: int) -> float:
+    """Linear LR scaling with the global batch (official: lr per GPU x world size at 256/GPU)."""
+    return lr * global_batch / cfg.base_batch_size if cfg.scale_lr else lr
+
+
+def param_groups(model: nn.Module, cfg: OptimRecipe, global_batch: int = 0) -> list[dict[str, Any]]:
+    """Group ``model``'s trainable parameters; each group carries ``name`` and ``base_lr``."""
+    modality = model.param_modality() if hasattr(model, "param_modality") else {}
+    no_wd = set(model.no_weight_decay_names()) if hasattr(model, "no_weight_decay_names") else set()
+    lr = scaled_lr(cfg.lr, cfg, global_batch)
+    lr_sh = scaled_lr(cfg.lr if cfg.lr_shared is None else cfg.lr_shared, cfg, global_batch)
+    wd_sh = cfg.weight_decay if cfg.weight_decay_shared is None else cfg.weight_decay_shared
+    settings = {
+        "decay": (lr, cfg.weight_decay),
+        "no_decay": (lr, 0.0),
+        "shared_decay": (lr_sh, wd_sh),
+        "shared_no_decay": (lr_sh, 0.0),
+    }
+    buckets: dict[str, list[nn.Parameter]] = {k: [] for k in GROUP_NAMES}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shared = modality.get(name) == "shared" or ".shared." in f".{name}."
+        decay = name not in no_wd and p.ndim >= 2
+        key = ("shared_" if shared else "") + ("decay" if decay else "no_decay")
+        buckets[key].append(p)
+    groups = []
+    for key in GROUP_NAMES:
+        if buckets[key]:
+            group_lr, wd = settings[key]
+            groups.append({"params": buckets[key], "name": key, "lr": group_lr, "base_lr": group_lr,
+                           "weight_decay": wd})
+    return groups
+
+
+def group_param_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Group name -> parameter names (for tests and the run log)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {g["name"]: [by_id[id(p)] for p in g["params"]] for g in groups}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimRecipe, global_batch: int,
+                    device: torch.device) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg, global_batch)
+    # fused AdamW only on CUDA; on CPU the default foreach path is the fast one
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=fused)

@@ -1,0 +1,99 @@
+"""Train-state checkpoints: atomic write, keep the last K, ``latest`` resolution, RNG capture/restore.
+
+A checkpoint holds the model (unwrapped state dict + its config), optimiser, scheduler, scaler, step, epoch,
+position inside the epoch and the python/numpy/torch RNG state of every rank, so a resumed run continues
+exactly where the interrupted one stopped. Everything is loadable with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msclip.checkpoint import atomic_save
+
+CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+FORMAT_VERSION = 1
+
+
+def capture_rng() -> dict[str, Any]:
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which weights_only loading refuses; store it as a tensor
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in ``folder``, oldest first (temp files are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.match(p.name))]
+    return sorted(found)
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """``latest`` -> newest checkpoint of this run (None when there is none yet); a folder -> its newest;
+    a file -> itself."""
+    if resume == "latest":
+        found = list_checkpoints(checkpoint_dir(run_dir))
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if path.is_dir():
+        found = list_checkpoints(path) or list_checkpoints(checkpoint_dir(path))
+        if not found:
+            raise FileNotFoundError(f"resume={resume}: no step_*.pt checkpoint in that folder")
+        return found[-1][1]
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint file or folder")
+    return path
+
+
+def save_train_state(path: str | Path, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``state`` atomically to ``path`` then prune all but the newest ``keep_last`` (0 = keep all)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"format_version": FORMAT_VERSION, **state}, path)
+    if keep_last > 0:
+        for _, old in list_checkpoints(path.parent)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "optimizer" not in state or "step" not in state:
+        raise ValueError(f"{path} is not a msclip train-state checkpoint (use pretrained= for plain weights)")
+    return state
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"

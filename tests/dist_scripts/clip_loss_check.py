@@ -1,0 +1,108 @@
+"""Run under ``torchrun --nproc_per_node W`` (gloo, CPU). Compares ClipLoss across ranks with a
+single-process ClipLoss on the concatenated global batch; rank 0 writes max abs differences as JSON.
+
+Expected (see msclip/loss.py): mean of rank losses == L; rank feature grads == W * dL/dx[slice];
+mean of rank logit_scale grads == dL/ds; DDP-averaged parameter grads == single-process grads.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from msclip import loss as loss_mod
+from msclip.loss import ClipLoss
+
+B, E, D = 4, 8, 6  # per-rank batch, embedding width, input width of the toy towers
+
+
+def global_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(world * B, E, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(world * B, E, generator=g), dim=-1)
+    return img, txt
+
+
+def feature_check(rank: int, world: int, local_loss: bool, with_grad: bool) -> dict[str, float]:
+    img, txt = global_batch(world)
+    scale = torch.tensor(10.0)
+    # Single-process reference on the whole batch.
+    ri, rt, rs = img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.clone().requires_grad_()
+    ref = ClipLoss()(ri, rt, rs)
+    ref.backward()
+    # This rank's share.
+    sl = slice(rank * B, (rank + 1) * B)
+    li, lt, ls = img[sl].clone().requires_grad_(), txt[sl].clone().requires_grad_(), scale.clone().requires_grad_()
+    crit = ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=world)
+    loss = crit(li, lt, ls)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    scale_grad = ls.grad.clone()
+    dist.all_reduce(scale_grad)
+    scale_grad /= world
+    out = {"loss": (mean_loss - ref.detach()).abs().item(), "scale_grad": (scale_grad - rs.grad).abs().item()}
+    if with_grad:  # without grad the other ranks' contributions are dropped by design
+        out["img_grad"] = (li.grad - world * ri.grad[sl]).abs().max().item()
+        out["txt_grad"] = (lt.grad - world * rt.grad[sl]).abs().max().item()
+    return out
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.img = nn.Linear(D, E)
+        self.txt = nn.Linear(D, E)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(y), dim=-1), self.logit_scale.exp()
+
+
+def ddp_check(rank: int, world: int, local_loss: bool) -> dict[str, float]:
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
+    ref_model = Toy()
+    ClipLoss()(*ref_model(x, y)).backward()
+    model = nn.parallel.DistributedDataParallel(Toy())  # CPU: no device_ids
+    sl = slice(rank * B, (rank + 1) * B)
+    ClipLoss(local_loss=local_loss, rank=rank, world_size=world)(*model(x[sl], y[sl])).backward()
+    diffs = [(p.grad - q.grad).abs().max().item()
+             for p, q in zip(model.module.parameters(), ref_model.parameters())]
+    return {"ddp_param_grad": max(diffs)}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results: dict[str, dict[str, float]] = {}
+    default = loss_mod._gather_impl()
+    impls = {"default": default, "legacy": loss_mod._gather_legacy}
+    for impl_name, impl in impls.items():
+        loss_mod._GATHER_WITH_GRAD = impl
+        for local_loss in (False, True):
+            for with_grad in (True, False):
+                key = f"{impl_name}/local={local_loss}/grad={with_grad}"
+                results[key] = feature_check(rank, world, local_loss, with_grad)
+            results[f"{impl_name}/local={local_loss}/ddp"] = ddp_check(rank, world, local_loss)
+    # Every rank's numbers must hold, so take the max over ranks.
+    for res in results.values():
+        for k, v in res.items():
+            t = torch.tensor(v, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            res[k] = t.item()
+    if rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"world_size": world, "torch": torch.__version__, "default_impl": default.__name__,
+                       "results": results}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
