@@ -1,0 +1,204 @@
+"""Labelled image folders for evaluation, robust to bad files.
+
+Layout and label order follow torchvision's ImageFolder (class = sorted sub-folder name, files found
+by extension, recursively), which is what the official MS-CLIP zero-shot script uses. Differences:
+an unreadable or corrupt image never crashes a run; it is skipped, counted and its path recorded.
+Truncated images load the way the official loader does (`ImageFile.LOAD_TRUNCATED_IMAGES = True`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+WNID_RE = re.compile(r"n\d{8}")
+NUM_IMAGENET_CLASSES = 1000
+
+
+class DataError(ValueError):
+    """The data folder or class-name file is unusable; the message names the path at fault."""
+
+
+@dataclass
+class FolderIndex:
+    root: str
+    classes: list[str]  # sub-folder names, sorted
+    samples: list[tuple[str, int]]  # (path, class index), ImageFolder order
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _walk_images(folder: str) -> list[str]:
+    # Same traversal and order as torchvision.datasets.folder.make_dataset.
+    out = []
+    for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True)):
+        out.extend(os.path.join(dirpath, f) for f in sorted(fnames) if _is_image(f))
+    return out
+
+
+def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
+    """Index ROOT/<class>/**/<image>. Errors (before any work) on a missing root, a root without
+    class folders, or class folders without images (all of them named)."""
+    root = str(root)
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist or is not a folder")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise DataError(f"data folder {root!r} has no class sub-folders (expected ROOT/<class>/<image>)")
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for idx, cls in enumerate(classes):
+        files = _walk_images(os.path.join(root, cls))
+        if not files:
+            empty.append(cls)
+        samples.extend((p, idx) for p in files)
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" ... ({len(empty)} in all)" if len(empty) > 10 else "")
+        raise DataError(f"data folder {root!r}: class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): "
+                        f"{shown}")
+    return FolderIndex(root, classes, samples)
+
+
+def scan_images(root: str | os.PathLike) -> list[str]:
+    """Every image under ROOT (recursively, sorted), for unlabelled embedding export."""
+    root = str(root)
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist or is not a folder")
+    files = _walk_images(root)
+    if not files:
+        raise DataError(f"image folder {root!r} contains no images ({', '.join(IMG_EXTENSIONS)})")
+    return files
+
+
+# ---------------------------------------------------------------------------------- class names
+def is_imagenet_folder(classes: list[str]) -> bool:
+    return len(classes) == NUM_IMAGENET_CLASSES and all(WNID_RE.fullmatch(c) for c in classes)
+
+
+def resolve_classnames(classes: list[str], classnames_file: str | None = None) -> tuple[list[str], str]:
+    """Class names for the sorted class folders, and where they came from.
+
+    * `classnames_file`: one name per line (count must equal the folder count), a JSON list, or a
+      JSON object folder -> name (may hold extra keys, e.g. all 1000 wnids for a subset folder);
+    * otherwise 1000 folders named like ImageNet wnids -> the 1000 ImageNet class names;
+    * otherwise the folder names, with underscores read as spaces.
+    """
+    if classnames_file is not None:
+        return _names_from_file(classes, classnames_file), str(classnames_file)
+    if is_imagenet_folder(classes):
+        from .templates import imagenet_classnames
+        return imagenet_classnames(), "imagenet-1k"
+    return [c.replace("_", " ") for c in classes], "folder-names"
+
+
+def _names_from_file(classes: list[str], path_str: str) -> list[str]:
+    path = Path(path_str)
+    if not path.is_file():
+        raise DataError(f"class-name file {path_str!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"class-name file {path_str!r} is not valid JSON: {e}") from e
+        if isinstance(data, dict):
+            missing = [c for c in classes if c not in data]
+            if missing:
+                raise DataError(f"class-name file {path_str!r} has no name for folder(s) "
+                                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            return [str(data[c]) for c in classes]
+        if not isinstance(data, list):
+            raise DataError(f"class-name file {path_str!r} must hold a JSON list or a folder -> name object")
+        names = [str(n) for n in data]
+    else:
+        names = [line.strip() for line in text.splitlines()]
+        while names and not names[-1]:  # tolerate trailing blank lines only
+            names.pop()
+    if len(names) != len(classes):
+        raise DataError(f"class-name file {path_str!r} has {len(names)} names but the data folder has "
+                        f"{len(classes)} class folders")
+    blank = [i + 1 for i, n in enumerate(names) if not n]
+    if blank:
+        raise DataError(f"class-name file {path_str!r}: empty name on line(s) {blank[:10]}")
+    return names
+
+
+# ---------------------------------------------------------------------------------- loading
+@contextmanager
+def _truncated_images_allowed() -> Iterator[None]:
+    # Per-load rather than a permanent global switch, so importing msclip changes nothing else.
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def load_rgb(path: str) -> Image.Image:
+    """PIL RGB image, loaded as the official (torchvision pil_loader + truncated images) does."""
+    with open(path, "rb") as f, _truncated_images_allowed():
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class SafeImageDataset(Dataset):
+    """Items are (index, tensor or None, label, error or None); a failure never raises."""
+
+    def __init__(self, paths: list[str], labels: list[int] | None, transform: Callable):
+        self.paths = paths
+        self.labels = labels if labels is not None else [-1] * len(paths)
+        self.transform = transform
+
+    @classmethod
+    def from_index(cls, index: FolderIndex, transform: Callable) -> "SafeImageDataset":
+        return cls([p for p, _ in index.samples], [y for _, y in index.samples], transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            x = self.transform(load_rgb(self.paths[i]))
+            return i, x, self.labels[i], None
+        except Exception as e:  # noqa: BLE001 - any decode/transform failure means "skip this image"
+            return i, None, self.labels[i], f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor | None  # [n_ok, 3, H, W] or None when every item failed
+    labels: torch.Tensor  # [n_ok]
+    indices: torch.Tensor  # [n_ok] dataset indices of the loaded images
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (dataset index, error)
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+def collate_skip(items: list) -> Batch:
+    ok = [it for it in items if it[1] is not None]
+    failures = [(it[0], it[3]) for it in items if it[1] is None]
+    images = torch.stack([it[1] for it in ok]) if ok else None
+    labels = torch.tensor([it[2] for it in ok], dtype=torch.long)
+    indices = torch.tensor([it[0] for it in ok], dtype=torch.long)
+    return Batch(images, labels, indices, failures)
+
+
+def make_loader(dataset: SafeImageDataset, batch_size: int, workers: int, pin_memory: bool = False):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skip,
+        pin_memory=pin_memory, drop_last=False, persistent_workers=False)

@@ -1,0 +1,92 @@
+"""Prompt templates and ImageNet class names for zero-shot classification.
+
+The ImageNet class names and the 80 OpenAI templates are exactly the lists the official MS-CLIP
+zero-shot script uses (spec section 11.2); open_clip_torch ships identical copies, so they are read
+from its `zero_shot_metadata` rather than duplicated here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_TEMPLATE_SETS = ("imagenet80", "simple")
+
+
+class TemplateError(ValueError):
+    """A template set or template file is unusable; the message names it."""
+
+
+@dataclass(frozen=True)
+class TemplateSet:
+    name: str  # "imagenet80", "simple" or the file it was read from
+    templates: tuple[str, ...]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.templates).encode("utf-8")).hexdigest()
+
+    def format(self, classname: str) -> list[str]:
+        return [t.format(classname) for t in self.templates]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "count": len(self.templates), "sha256": self.sha256,
+                "templates": list(self.templates)}
+
+
+def _metadata():
+    try:
+        from open_clip import zero_shot_metadata
+    except ImportError as e:  # the GPU image has no open_clip
+        raise TemplateError(
+            "the built-in ImageNet class names / templates come from open_clip_torch, which is not "
+            f"installed ({e}); install it or pass --templates FILE / --classnames FILE") from e
+    return zero_shot_metadata
+
+
+def _as_format_strings(templates) -> tuple[str, ...]:
+    # open_clip stores templates as lambdas c -> f"...{c}..."; feeding "{}" recovers the format string.
+    return tuple(t("{}") if callable(t) else str(t) for t in templates)
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1000 ImageNet-1k class names in wnid-sorted order (998 unique: two names repeat)."""
+    return list(_metadata().IMAGENET_CLASSNAMES)
+
+
+def _check(templates: tuple[str, ...], source: str) -> tuple[str, ...]:
+    if not templates:
+        raise TemplateError(f"template set {source!r} has no templates")
+    for i, t in enumerate(templates):
+        try:
+            filled = t.format("x")
+        except (IndexError, KeyError, ValueError) as e:
+            raise TemplateError(f"{source}: template {i + 1} {t!r} is not a format string with one "
+                                f"'{{}}' placeholder ({e})") from e
+        if filled == t:
+            raise TemplateError(f"{source}: template {i + 1} {t!r} has no '{{}}' placeholder")
+    return templates
+
+
+def load_templates(spec: str) -> TemplateSet:
+    """`imagenet80` (80 OpenAI templates), `simple` (open_clip's 7) or a file: one template per line
+    with a `{}` placeholder (blank lines and lines starting with '#' ignored), or a JSON list."""
+    if spec == "imagenet80":
+        return TemplateSet("imagenet80", _check(_as_format_strings(_metadata().OPENAI_IMAGENET_TEMPLATES), spec))
+    if spec == "simple":
+        return TemplateSet("simple", _check(_as_format_strings(_metadata().SIMPLE_IMAGENET_TEMPLATES), spec))
+    path = Path(spec)
+    if not path.is_file():
+        raise TemplateError(f"--templates {spec!r} is neither one of {', '.join(BUILTIN_TEMPLATE_SETS)} "
+                            "nor an existing file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+            raise TemplateError(f"{path}: a JSON template file must hold a list of strings")
+        templates = tuple(data)
+    else:
+        templates = tuple(line.strip() for line in text.splitlines()
+                          if line.strip() and not line.lstrip().startswith("#"))
+    return TemplateSet(str(path), _check(templates, str(path)))

@@ -1,0 +1,274 @@
+"""Training orchestration: ``python -m msclip.train.main --config RECIPE.yaml [overrides]`` (also under torchrun).
+
+Order: process group -> run folder + resolved recipe -> model -> data -> optimiser/schedule/precision ->
+resume -> DDP -> loop -> final checkpoint + exported weights.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import msclip
+from msclip.train import distributed as D
+from msclip.train.logger import RunLogger
+from msclip.train.loop import LoopState, TrainLoop
+from msclip.train.optim import build_optimizer
+from msclip.train.precision import get_precision
+from msclip.train.recipe import Recipe, RecipeError, load_recipe, save_recipe
+from msclip.train.scheduler import WarmupCosine
+from msclip.train.state import (capture_rng, checkpoint_path, load_train_state, resolve_resume, restore_rng,
+                                save_train_state)
+
+log = logging.getLogger("msclip.train")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: LoopState
+    total_steps: int
+    losses: list[float] = field(default_factory=list)  # per optimiser step of this invocation
+    last_checkpoint: str = ""
+    exported: str = ""
+    precision: str = "fp32"
+    wall_s: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _run_dir(recipe: Recipe, env: D.DistEnv) -> Path:
+    if recipe.name:
+        return Path(recipe.output_dir) / recipe.name
+    if recipe.resume and recipe.resume != "latest":  # continue writing into the resumed run's folder
+        ckpt = Path(recipe.resume)
+        run = ckpt.parent.parent if ckpt.is_file() else (ckpt.parent if ckpt.name == "checkpoints" else ckpt)
+        return run
+    if recipe.resume == "latest":
+        raise RecipeError("resume=latest needs a fixed run name (set name=...) to know which run to continue")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{Path(recipe.model).stem}"
+    return Path(recipe.output_dir) / D.broadcast_object(name, env)
+
+
+def _data(recipe: Recipe, train_tf: Any, tokenizer: Any, env: D.DistEnv) -> Any:
+    from msclip.data import DataSpec, build_train_data
+
+    d = recipe.data
+    spec = DataSpec(kind=d.kind, path=d.path, num_samples=d.num_samples, resampled=d.resampled,
+                    csv_image_key=d.csv_image_key, csv_caption_key=d.csv_caption_key,
+                    csv_separator=d.csv_separator, image_root=d.image_root,
+                    caption_templates=d.caption_templates, fashion_mnist_root=d.fashion_mnist_root, split="train")
+    return build_train_data(spec, image_transform=train_tf, tokenizer=tokenizer, batch_size=d.batch_size,
+                            workers=d.workers, rank=env.rank, world_size=env.world_size, seed=recipe.seed, epoch=0)
+
+
+def _zeroshot(recipe: Recipe, eval_tf: Any, tokenizer: Any, env: D.DistEnv, autocast: Any) -> Any:
+    from msclip.train import evaluate as E
+
+    z = recipe.zeroshot
+    if z.kind is None:
+        return None
+    if z.kind == "folder":
+        if not z.path:
+            raise RecipeError("zeroshot.kind=folder needs zeroshot.path")
+        ds, classnames = E.folder_eval_set(z.path, eval_tf, z.num_samples)
+        templates = z.templates or list(E.GENERIC_TEMPLATES)
+    else:
+        from msclip.data.fashion_mnist import DEFAULT_CAPTION_TEMPLATES
+
+        ds, classnames = E.fashion_mnist_eval_set(eval_tf, z.num_samples, root=recipe.data.fashion_mnist_root)
+        templates = z.templates or list(DEFAULT_CAPTION_TEMPLATES)
+    return E.ZeroShotEvaluator(ds, classnames, templates, tokenizer, env.device, autocast, z.batch_size)
+
+
+def train(recipe: Recipe, *, stop_after: int | None = None) -> TrainResult:
+    """Run (or continue) the training described by ``recipe``. ``stop_after`` ends this invocation after that
+    many optimiser steps without a final checkpoint, as an interruption would (used by the resume test)."""
+    t_start = time.perf_counter()
+    recipe.validate()
+    if recipe.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    env = D.init_distributed(recipe.device)
+    try:
+        return _train(recipe, env, stop_after, t_start)
+    finally:
+        D.cleanup(env)
+
+
+def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, t_start: float) -> TrainResult:
+    run_dir = _run_dir(recipe, env)
+    if env.is_master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    D.barrier(env)
+
+    seed_everything(recipe.seed)  # identical init on every rank
+    model, train_tf, eval_tf = msclip.create_model_and_transforms(recipe.model, pretrained=recipe.pretrained,
+                                                                  device=env.device)
+    tokenizer = msclip.get_tokenizer(recipe.model)
+    if recipe.logit_scale_init is not None:
+        model.logit_scale.data.fill_(recipe.logit_scale_init)
+    if recipe.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.train()
+    seed_everything(recipe.seed + env.rank)  # per-rank augmentation / dropout streams
+
+    data = _data(recipe, train_tf, tokenizer, env)
+    accum = recipe.train.accum_freq
+    steps_per_epoch = data.num_batches // accum
+    if steps_per_epoch < 1:
+        raise RecipeError(f"an epoch has {data.num_batches} batches per process, fewer than "
+                          f"train.accum_freq={accum}; lower data.batch_size or add data")
+    total = recipe.train.steps or math.ceil(recipe.train.epochs * steps_per_epoch)
+    unit = steps_per_epoch if recipe.optim.unit == "epochs" else 1
+    global_batch = recipe.data.batch_size * accum * env.world_size
+
+    optimizer = build_optimizer(model, recipe.optim, global_batch, env.device)
+    scheduler = WarmupCosine(optimizer, total=total, warmup=round(recipe.optim.warmup * unit),
+                             cooldown=round(recipe.optim.cooldown * unit), warmup_lr=recipe.optim.warmup_lr,
+                             min_lr=recipe.optim.min_lr, schedule=recipe.optim.schedule)
+    precision = get_precision(recipe.train.precision, env.device)
+    scaler = precision.make_scaler()
+
+    state, resume_rng, resume_epoch_rng = LoopState(), None, None
+    ckpt = None
+    if recipe.resume:
+        ckpt = D.broadcast_object(str(resolve_resume(recipe.resume, run_dir) or ""), env) or None
+        if ckpt is None:
+            log.info("resume=latest: no checkpoint in %s yet; starting from scratch", run_dir)
+    if ckpt:
+        saved = load_train_state(ckpt)
+        model.load_state_dict(saved["model"])
+        fresh_lrs = {g["name"]: g["base_lr"] for g in optimizer.param_groups}
+        optimizer.load_state_dict(saved["optimizer"])
+        for g in optimizer.param_groups:  # the recipe's lr wins over the checkpoint's (same on exact resume)
+            g["base_lr"] = fresh_lrs.get(g["name"], g["base_lr"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        state = LoopState(**saved["loop"])
+        rngs = saved["rng"]
+        if len(rngs) == env.world_size:
+            resume_rng, resume_epoch_rng = rngs[env.rank]["rng"], rngs[env.rank]["epoch_rng"] or None
+        else:
+            log.warning("checkpoint was written by %d processes, this run has %d: RNG streams restart",
+                        len(rngs), env.world_size)
+            if state.batch_in_epoch:  # the data split changed too: continue from the next epoch
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
+                 state.batch_in_epoch)
+
+    ddp_model = D.wrap_ddp(model, env)
+    from msclip.loss import ClipLoss
+
+    loss_fn = ClipLoss(local_loss=recipe.train.local_loss, gather_with_grad=recipe.train.gather_with_grad,
+                       rank=env.rank, world_size=env.world_size)
+    logger = RunLogger(run_dir, enabled=env.is_master, tensorboard=recipe.log.tensorboard)
+    zs = _zeroshot(recipe, eval_tf, tokenizer, env, precision.autocast) if env.is_master else None
+
+    def eval_fn(step: int) -> dict[str, float] | None:
+        metrics = zs(model) if zs is not None else None
+        D.barrier(env)
+        return metrics
+
+    def save_fn(st: LoopState, epoch_rng: dict) -> str:
+        rngs = _gather_objects({"rng": capture_rng(), "epoch_rng": epoch_rng}, env)
+        path = checkpoint_path(run_dir, st.step)
+        if env.is_master:
+            save_train_state(path, {
+                "step": st.step, "loop": st.to_dict(), "model": model.state_dict(),
+                "model_config": model.cfg.to_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+                "rng": rngs, "world_size": env.world_size, "total_steps": total,
+            }, keep_last=recipe.checkpoint.keep_last)
+        return str(path)
+
+    def loader_factory(epoch: int) -> Any:
+        data.set_epoch(epoch)
+        return data.loader
+
+    if env.is_master:
+        counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
+        log.info("run %s: %s, %d steps (%d per epoch), global batch %d, precision %s, %d process(es); params %s",
+                 run_dir, recipe.model, total, steps_per_epoch, global_batch, precision.name, env.world_size,
+                 counts)
+    loop = TrainLoop(
+        model=ddp_model, unwrapped=model, loader_factory=loader_factory, batches_per_epoch=data.num_batches,
+        loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, precision=precision, scaler=scaler, env=env,
+        total_steps=total, accum_freq=accum, grad_clip_norm=recipe.train.grad_clip_norm,
+        logit_scale_max=recipe.logit_scale_max, max_nonfinite=recipe.train.max_nonfinite,
+        global_batch=global_batch, logger=logger, log_every=recipe.log.every, progress=recipe.log.progress,
+        save_every=recipe.checkpoint.every, save_fn=save_fn, eval_every=recipe.zeroshot.every,
+        eval_fn=eval_fn if recipe.zeroshot.kind else None, state=state, resume_rng=resume_rng,
+        resume_epoch_rng=resume_epoch_rng, stop_after=stop_after)
+    try:
+        state = loop.run()
+    finally:
+        logger.close()
+    exported = ""
+    if state.step >= total and recipe.checkpoint.export and env.is_master:
+        exported = str(run_dir / "model.safetensors")
+        msclip.save_pretrained(model, exported)
+    D.barrier(env)
+    return TrainResult(run_dir=run_dir, state=state, total_steps=total, losses=loop.history,
+                       last_checkpoint=loop.last_checkpoint, exported=exported, precision=precision.name,
+                       wall_s=time.perf_counter() - t_start)
+
+
+def _gather_objects(obj: Any, env: D.DistEnv) -> list[Any]:
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="msclip train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="recipe YAML (fields not in it keep their defaults)")
+    args, rest = parser.parse_known_args(argv)
+    return run_from_cli(args.config, rest)
+
+
+def run_from_cli(config: str | None, overrides: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = load_recipe(config, overrides)
+    except RecipeError as e:
+        print(f"msclip train: error: {e}", file=sys.stderr)
+        return 2
+    from msclip.train.loop import NonFiniteLossError
+
+    try:
+        result = train(recipe)
+    except NonFiniteLossError as e:
+        print(f"msclip train: stopped: {e}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {result.run_dir} ({result.state.step} steps, {result.wall_s:.1f} s)")
+        if result.exported:
+            print(f"weights: {result.exported} (msclip.create_model({recipe.model!r}, pretrained=...))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
