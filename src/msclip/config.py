@@ -116,7 +116,7 @@ class ModelCfg:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        data.setdefault("name", path.stem)
+        data = {**data, "name": path.stem}  # a config file is named by its file
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

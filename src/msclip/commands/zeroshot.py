@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-class _Plan:
+class Plan:
     index: object
     classnames: list[str]
     names_source: str
@@ -144,7 +144,7 @@ class _Plan:
     checkpoint: str | None
 
 
-def _prepare(args: argparse.Namespace) -> _Plan:
+def prepare(args: argparse.Namespace) -> Plan:
     from msclip.eval.imagefolder import resolve_classnames, scan_image_folder
     from msclip.eval.templates import load_templates
 
@@ -160,7 +160,7 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     index = scan_image_folder(args.data)
     names, source = resolve_classnames(index.classes, args.classnames)
     templates = load_templates(args.templates)
-    return _Plan(index, names, source, templates, device, checkpoint)
+    return Plan(index, names, source, templates, device, checkpoint)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from msclip.eval.templates import TemplateError
 
     try:
-        plan = _prepare(args)
+        plan = prepare(args)
         model = load_model(args.model, plan.checkpoint, plan.device, args.precision)
     except (UsageError, DataError, TemplateError) as e:
         print(f"msclip zeroshot: error: {e}", file=sys.stderr)
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace, plan: _Plan, model) -> dict:
+def evaluate(args: argparse.Namespace, plan: Plan, model) -> dict:
     import msclip
     from msclip.eval.imagefolder import SafeImageDataset, make_loader
     from msclip.eval.zeroshot import build_classifier, evaluate_loader
@@ -259,8 +259,6 @@ def main(argv: list[str] | None = None, prog: str = "msclip zeroshot") -> int:
 
 
 if __name__ == "__main__":
-    try:
-        from msclip.cli import run_command
-    except ImportError:  # the dispatcher may be absent in a partial install
-        raise SystemExit(main())
-    raise SystemExit(run_command(__name__))
+    from msclip.cli import run_command
+
+    raise SystemExit(run_command("zeroshot"))

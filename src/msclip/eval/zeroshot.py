@@ -17,6 +17,8 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -26,6 +28,17 @@ from .imagefolder import Batch
 ZS_LOGIT_SCALE = 100.0
 
 
+def _inference(fn: Callable) -> Callable:
+    """Run `fn` under torch.inference_mode but hand back an ordinary tensor (a cheap clone made
+    outside the mode), so callers may still use the result in autograd-tracked code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return out.clone()
+    return wrapper
+
+
 def _progress(total: int, desc: str, unit: str, enabled: bool | None):
     from tqdm import tqdm
     # enabled=None: tqdm decides (shown on a terminal, hidden when stderr is a pipe/file).
@@ -33,7 +46,7 @@ def _progress(total: int, desc: str, unit: str, enabled: bool | None):
                 dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
 
 
-@torch.inference_mode()
+@_inference
 def encode_texts(model, tokens: torch.Tensor, device: torch.device | str, batch_size: int = 256,
                  bar=None) -> torch.Tensor:
     """L2-normalised text embeddings [N, E] (float32, on `device`), rows in input order.
@@ -61,7 +74,7 @@ def class_weights_from_features(feats: torch.Tensor, num_classes: int) -> torch.
     return F.normalize(per_class, dim=-1).t().contiguous()
 
 
-@torch.inference_mode()
+@_inference
 def classifier_from_tokens(model, tokens: torch.Tensor, num_classes: int, device: torch.device | str,
                            batch_size: int = 256) -> torch.Tensor:
     """Classifier [E, C] from already tokenised prompts, class-major (row c*T + t)."""
@@ -87,7 +100,7 @@ class _PromptChunks(Dataset):
         return k * self.per, self.tokenizer(texts)
 
 
-@torch.inference_mode()
+@_inference
 def build_classifier(model, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
                      device: torch.device | str = "cpu", text_batch_size: int = 256,
                      texts_per_chunk: int = 4096, workers: int = 0, progress: bool | None = False

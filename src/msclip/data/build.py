@@ -1,0 +1,51 @@
+"""``build_train_data``: one entry point for every training source."""
+from __future__ import annotations
+
+from .common import CountingLoader, DataInfo, DataSpec, DataStats, Tokenizer, Transform, shared_epoch
+
+SYNTHETIC_DEFAULT_SAMPLES = 512
+
+
+def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: Tokenizer, batch_size: int,
+                     workers: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0) -> DataInfo:
+    """Build the shuffled, sharded training loader of ``(images [B,3,H,W] float, tokens [B,T] long)``.
+
+    ``batch_size`` is per rank; every batch is full. Call ``info.set_epoch(e)`` before each epoch; read
+    ``info.stats.as_dict()`` for samples seen and skipped (counted in the main process).
+    """
+    spec.validate()
+    if batch_size < 1 or workers < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad loader settings: batch_size={batch_size}, workers={workers}, "
+                         f"rank={rank}, world_size={world_size}")
+    epoch_value = shared_epoch(epoch)
+    stats = DataStats()
+    if spec.kind == "webdataset":
+        from .wds import build_wds  # webdataset is an optional (train) dependency
+
+        loader, num_batches, num_samples, details = build_wds(
+            spec, image_transform=image_transform, tokenizer=tokenizer, batch_size=batch_size, workers=workers,
+            rank=rank, world_size=world_size, seed=seed, epoch_value=epoch_value)
+        return DataInfo(CountingLoader(loader, num_batches, stats), num_samples, num_batches, stats,
+                        epoch_value=epoch_value, kind=spec.kind, details=details)
+
+    from . import mapstyle
+
+    if spec.kind == "csv":
+        dataset = mapstyle.csv_dataset(spec, image_transform)
+        name = spec.path
+    elif spec.kind == "fashion_mnist":
+        from .fashion_mnist import FashionMNISTCaptions, load_fashion_mnist
+
+        images, labels = load_fashion_mnist(spec.split, spec.fashion_mnist_root)
+        dataset = FashionMNISTCaptions(images, labels, image_transform, spec.caption_templates, seed, epoch_value)
+        name = f"fashion_mnist/{spec.split}"
+    else:  # synthetic
+        dataset = mapstyle.SyntheticCaptions(spec.num_samples or SYNTHETIC_DEFAULT_SAMPLES, image_transform,
+                                             seed=seed)
+        name = "synthetic"
+    loader, sampler, num_batches = mapstyle.map_loader(
+        dataset, tokenizer=tokenizer, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
+        seed=seed, epoch=epoch, name=name)
+    return DataInfo(CountingLoader(loader, num_batches, stats), num_batches * batch_size * world_size,
+                    num_batches, stats, epoch_value=epoch_value, sampler=sampler, kind=spec.kind,
+                    details={"dataset_size": len(dataset)})

@@ -1,0 +1,139 @@
+"""Map-style sources (CSV/TSV, Fashion-MNIST, synthetic) behind a DistributedSampler.
+
+A corrupt image or an empty caption is skipped and counted, and the batch slot is filled by the next
+readable row (index + 1, + 2, ...). Batches therefore keep their full size and every rank runs the same
+number of steps, which the cross-rank feature gather of the loss needs (it requires equal shapes; a
+shrunken batch on one rank would fail or hang the all-gather).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .common import SkipLogger, Tokenizer, Transform, counts_tensor, mix_seed
+
+MAX_SUBSTITUTIONS = 16  # consecutive unreadable rows tolerated before giving up with an error
+
+
+class CsvCaptions(Dataset):
+    """Rows of ``image path, caption`` from a CSV/TSV file with a header line."""
+
+    def __init__(self, path: str, transform: Transform, image_key: str = "filepath",
+                 caption_key: str = "title", separator: str | None = None, image_root: str | None = None) -> None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"CSV/TSV file not found: {path}")
+        sep = separator or ("\t" if file.suffix.lower() == ".tsv" else ",")
+        with open(file, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=sep)
+            header = reader.fieldnames or []
+            for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):
+                if key not in header:
+                    raise ValueError(f"{path}: column {key!r} ({what}) not found; columns are {header} "
+                                     f"(separator {sep!r})")
+            rows = [(r[image_key] or "", r[caption_key] or "") for r in reader]
+        if not rows:
+            raise ValueError(f"{path}: no data rows")
+        self.root = Path(image_root) if image_root else file.parent
+        self.paths = [p for p, _ in rows]
+        self.captions = [c for _, c in rows]
+        self.transform = transform
+        self.source = str(path)
+        self._log = SkipLogger()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, index: int) -> tuple[Any, str] | str:
+        """The decoded sample, or the name of the counter to bump."""
+        caption = self.captions[index].strip()
+        if not caption:
+            self._log("empty caption", f"{self.source} row {index + 2}")
+            return "skipped_caption"
+        path = Path(self.paths[index])
+        path = path if path.is_absolute() else self.root / path
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")  # forces a full decode
+        except Exception as exn:  # noqa: BLE001 - any decoder failure is a skip
+            self._log(f"image not readable ({type(exn).__name__}: {exn})", str(path))
+            return "skipped_decode"
+        return image, caption
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+        counts: dict[str, int] = {}
+        for step in range(MAX_SUBSTITUTIONS):
+            got = self._load((index + step) % len(self))
+            if isinstance(got, str):
+                counts[got] = counts.get(got, 0) + 1
+                continue
+            return self.transform(got[0]), got[1], counts_tensor(counts)
+        raise RuntimeError(f"{self.source}: {MAX_SUBSTITUTIONS} consecutive rows from row {index + 2} are "
+                           "unreadable or have empty captions; check the image paths / image_root")
+
+
+_COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 220, 40),
+           "black": (20, 20, 20), "white": (235, 235, 235), "purple": (140, 50, 170), "orange": (240, 140, 30)}
+_SHAPES = ["square", "circle", "triangle", "star"]
+
+
+class SyntheticCaptions(Dataset):
+    """Deterministic noisy colour fields with captions naming the colour (learnable, for tests/benchmarks)."""
+
+    def __init__(self, num_samples: int, transform: Transform, image_size: int = 32, seed: int = 0) -> None:
+        self.n, self.transform, self.size, self.seed = num_samples, transform, image_size, seed
+        self.colors = list(_COLORS)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+        color = self.colors[index % len(self.colors)]
+        shape = _SHAPES[(index // len(self.colors)) % len(_SHAPES)]
+        rng = np.random.default_rng(mix_seed(self.seed, index))
+        noise = rng.integers(-30, 31, size=(self.size, self.size, 3))
+        pixels = np.clip(np.array(_COLORS[color]) + noise, 0, 255).astype(np.uint8)
+        caption = f"a photo of a {color} {shape}."
+        return self.transform(Image.fromarray(pixels)), caption, counts_tensor({})
+
+
+class Collate:
+    """Batch ``(image, caption, counts)`` samples into ``(images, tokens, counts)``; a class so it pickles."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: list[tuple[torch.Tensor, str, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = torch.stack([b[0] for b in batch])
+        tokens = self.tokenizer([b[1] for b in batch])
+        return images, tokens, torch.stack([b[2] for b in batch]).sum(0)
+
+
+def map_loader(dataset: Dataset, *, tokenizer: Tokenizer, batch_size: int, workers: int, rank: int,
+               world_size: int, seed: int, epoch: int, name: str) -> tuple[DataLoader, DistributedSampler, int]:
+    """A shuffling loader of full batches; returns ``(loader, sampler, batches per rank)``."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    num_batches = len(sampler) // batch_size
+    if num_batches < 1:
+        raise ValueError(f"{name}: {len(dataset)} samples cannot fill one batch of {batch_size} on each of "
+                         f"{world_size} rank(s)")
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=Collate(tokenizer), drop_last=True, persistent_workers=workers > 0,
+                        pin_memory=False)
+    return loader, sampler, num_batches
+
+
+def csv_dataset(spec: Any, transform: Transform) -> CsvCaptions:
+    root = spec.image_root
+    if root is not None and not os.path.isdir(root):
+        raise FileNotFoundError(f"image_root not found: {root}")
+    return CsvCaptions(spec.path, transform, spec.csv_image_key, spec.csv_caption_key, spec.csv_separator, root)

@@ -1,0 +1,226 @@
+"""Zero-shot classification: official parity on the tiny reference, metrics, data handling, CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+import msclip
+from msclip.commands import zeroshot as zs_cmd
+from msclip.eval.imagefolder import (DataError, SafeImageDataset, collate_skip, load_rgb, resolve_classnames,
+                                     scan_image_folder)
+from msclip.eval.templates import TemplateError, imagenet_classnames, load_templates
+from msclip.eval.zeroshot import (ZeroShotMetrics, build_classifier, classifier_from_tokens, encode_texts,
+                                  zeroshot_logits)
+
+from image_folder_utils import make_photo_folder, write_truncated_jpeg
+from reference_utils import load_reference_model
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_reference_model()
+
+
+# ----------------------------------------------------------------------------- official parity
+def test_reference_zeroshot_weights_and_logits(reference):
+    model, inputs, outputs = reference
+    # From the official tokens (class-major, 3 classes x 4 templates), in odd-sized sorted batches.
+    W = classifier_from_tokens(model, inputs["zs_tokens"], 3, "cpu", batch_size=5)
+    assert W.shape == outputs["zs_weights"].shape == (32, 3)
+    torch.testing.assert_close(W, outputs["zs_weights"], atol=1e-5, rtol=0)
+    # From the strings, through msclip's tokenizer (hard truncation, as the official one).
+    tok = msclip.get_tokenizer(model.cfg)
+    W2 = build_classifier(model, tok, inputs["zs_classnames"], inputs["zs_templates"], "cpu",
+                          text_batch_size=3, texts_per_chunk=8)  # 2 classes per chunk: exercises chunking
+    torch.testing.assert_close(W2, outputs["zs_weights"], atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        f = model.encode_image(inputs["images"], normalize=True)
+    logits = zeroshot_logits(f, W)
+    # Logits are ~10-17 (100 x cosine) where one fp32 ulp is ~2e-6; allow 1e-5 plus one ulp-scale term.
+    torch.testing.assert_close(logits, outputs["zs_logits"], atol=1e-5, rtol=1e-6)
+    assert logits.argmax(-1).tolist() == outputs["zs_logits"].argmax(-1).tolist()
+
+
+def test_text_trim_changes_no_output(reference):
+    model, inputs, _ = reference
+    toks = inputs["text_tokens"]  # includes an empty text and an over-long one with no EOT (pooled at 0)
+    cases = [toks, inputs["zs_tokens"], toks[4:5], toks[3:5], toks[:3]]
+    with torch.inference_mode():
+        for t in cases:
+            assert model.trim_tokens(t).shape[1] < t.shape[1]  # the cut really happens
+            torch.testing.assert_close(model.encode_text(t), model.encode_text(t, trim=False), atol=1e-5, rtol=0)
+        # Length-sorted batching (encode_texts) returns rows in input order, equal to one plain call.
+        plain = model.encode_text(toks, normalize=True, trim=False)
+    for bs in (1, 2, 5):
+        torch.testing.assert_close(encode_texts(model, toks, "cpu", batch_size=bs), plain, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_by_hand():
+    m = ZeroShotMetrics(6)
+    logits = torch.tensor([
+        [9, 1, 0, 0, 0, 0],  # label 0: top-1 hit
+        [1, 9, 8, 7, 6, 5],  # label 5: miss at top-1, hit at top-5 (rank 5)
+        [0, 9, 8, 7, 6, 5],  # label 0: miss at top-5 (rank 6)
+        [0, 0, 9, 0, 0, 0],  # label 2: hit
+    ], dtype=torch.float)
+    m.update(logits[:2], torch.tensor([0, 5]))
+    m.update(logits[2:], torch.tensor([0, 2]))
+    r = m.compute(["a", "b", "c", "d", "e", "f"], ["A", "B", "C", "D", "E", "F"])
+    assert r["top1"] == pytest.approx(50.0) and r["top5"] == pytest.approx(75.0) and r["images_scored"] == 4
+    # per-class recall: class 0 1/2, class 2 1/1, class 5 0/1 (classes without images are left out)
+    assert r["mean_per_class_recall"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
+    pc = {c["folder"]: c for c in r["per_class"]}
+    assert pc["a"]["images"] == 2 and pc["a"]["accuracy"] == pytest.approx(50.0) and pc["a"]["name"] == "A"
+    assert pc["b"]["images"] == 0 and pc["b"]["accuracy"] is None
+    assert ZeroShotMetrics(3).k5 == 3  # fewer than 5 classes: top-k uses every class
+
+
+# ----------------------------------------------------------------------------- templates and names
+def test_templates_and_imagenet_names(tmp_path):
+    t80, simple = load_templates("imagenet80"), load_templates("simple")
+    assert len(t80.templates) == 80 and t80.templates[0] == "a bad photo of a {}." and len(simple.templates) == 7
+    names = imagenet_classnames()
+    assert len(names) == 1000 and names[0] == "tench" and len(set(names)) == 998
+    # Identical to the official lists (spec 11.2 gives the sha256 prefixes of the newline-joined lists).
+    assert t80.sha256.startswith("4f976686")
+    assert hashlib.sha256("\n".join(names).encode()).hexdigest().startswith("571ae1c5")
+    f = tmp_path / "t.txt"
+    f.write_text("# my prompts\na photo of a {}.\n\n{} in the wild\n")
+    assert load_templates(str(f)).templates == ("a photo of a {}.", "{} in the wild")
+    f.write_text("a photo without placeholder\n")
+    with pytest.raises(TemplateError, match="no '{}' placeholder"):
+        load_templates(str(f))
+    with pytest.raises(TemplateError, match="neither"):
+        load_templates(str(tmp_path / "missing.txt"))
+
+
+def test_class_name_resolution(tmp_path):
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    names, src = resolve_classnames(wnids)
+    assert src == "imagenet-1k" and names == imagenet_classnames()
+    assert resolve_classnames(["golden_retriever", "tabby"]) == (["golden retriever", "tabby"], "folder-names")
+    assert resolve_classnames(wnids[:5])[1] == "folder-names"  # not the full 1000: no guessing
+    lines = tmp_path / "names.txt"
+    lines.write_text("dog\ncat\n\n")
+    assert resolve_classnames(["a", "b"], str(lines))[0] == ["dog", "cat"]
+    with pytest.raises(DataError, match="has 2 names but the data folder has 3"):
+        resolve_classnames(["a", "b", "c"], str(lines))
+    mapping = tmp_path / "names.json"
+    mapping.write_text(json.dumps({"a": "Dog", "b": "Cat", "z": "unused"}))
+    assert resolve_classnames(["a", "b"], str(mapping))[0] == ["Dog", "Cat"]
+    with pytest.raises(DataError, match="no name for folder.*c"):
+        resolve_classnames(["a", "c"], str(mapping))
+
+
+# ----------------------------------------------------------------------------- data folder
+def test_folder_scan_bad_images_and_truncation(tmp_path):
+    written = make_photo_folder(tmp_path / "data")
+    index = scan_image_folder(tmp_path / "data")
+    assert index.classes == sorted(["astronaut", "cat", "coffee_mug", "rocket", "camera_man"])
+    assert len(index.samples) == len(written["images"]) + 2  # + broken.png + truncated.jpg; notes.txt ignored
+    # The truncated JPEG fails with PIL's default but loads as the official loader does.
+    trunc = str(written["truncated"][0])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    with pytest.raises(OSError):
+        Image.open(trunc).convert("RGB")
+    assert load_rgb(trunc).size == Image.open(written["images"][2]).size
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # the switch is not left on globally
+    ds = SafeImageDataset.from_index(index, lambda im: torch.zeros(3, 4, 4))
+    batch = collate_skip([ds[i] for i in range(len(ds))])
+    bad = [index.samples[i][0] for i, _ in batch.failures]
+    assert bad == [str(written["corrupt"][0])] and "UnidentifiedImageError" in batch.failures[0][1]
+    assert batch.images.shape[0] == len(ds) - 1 == len(batch.labels) == len(batch.indices)
+
+    (tmp_path / "data" / "empty_class").mkdir()
+    with pytest.raises(DataError, match="without images.*empty_class"):
+        scan_image_folder(tmp_path / "data")
+    with pytest.raises(DataError, match="does not exist"):
+        scan_image_folder(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_report_on_photos(tmp_path, capsys):
+    make_photo_folder(tmp_path / "data")
+    out = tmp_path / "res" / "result.json"
+    rc = zs_cmd.main(["--model", "clip-b32-tiny", "--data", str(tmp_path / "data"), "--templates", "simple",
+                      "--batch-size", "3", "--workers", "1", "--device", "cpu", "--output", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["images"] == 12 and rep["images_scored"] == 11
+    assert rep["skipped_count"] == 1 and rep["skipped"][0]["path"].endswith("broken.png")
+    assert rep["data"]["classes"] == 5 and rep["data"]["class_names_source"] == "folder-names"
+    assert [c["name"] for c in rep["per_class"]][:3] == ["astronaut", "camera man", "cat"]
+    assert sum(c["images"] for c in rep["per_class"]) == 11
+    for key in ("top1", "top5", "mean_per_class_recall"):
+        assert 0.0 <= rep[key] <= 100.0
+    assert rep["top5"] == 100.0 and rep["top5_k"] == 5  # 5 classes: every class is in the top 5
+    assert rep["templates"]["name"] == "simple" and rep["templates"]["count"] == 7
+    assert rep["model"]["spec"] == "clip-b32-tiny" and rep["random_weights"] and rep["checkpoint"] is None
+    assert rep["timing"]["images_per_second"] > 0 and rep["precision"] == "fp32"
+    stdout = capsys.readouterr().out
+    assert "top-1" in stdout and "broken.png" in stdout and "camera man" in stdout
+    assert not list(out.parent.glob(".tmp-*"))  # atomic write left no temp file
+
+
+def test_cli_imagenet_folder_and_checkpoint(tmp_path):
+    """A 1000-wnid folder gets the ImageNet names; --pretrained is loaded and recorded; bf16 runs."""
+    model = msclip.create_model("clip-b32-tiny")
+    ckpt = tmp_path / "tiny.safetensors"
+    msclip.save_pretrained(model, ckpt)
+    img = tmp_path / "one.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
+    root = tmp_path / "val"
+    for i in range(1000):
+        (root / f"n{i:08d}").mkdir(parents=True)
+        (root / f"n{i:08d}" / "x.png").hardlink_to(img)
+    tfile = tmp_path / "t.txt"
+    tfile.write_text("a photo of a {}.\n")
+    out = tmp_path / "r.json"
+    rc = zs_cmd.main(["--model", "clip-b32-tiny", "--pretrained", str(ckpt), "--data", str(root),
+                      "--templates", str(tfile), "--batch-size", "250", "--text-batch-size", "500",
+                      "--workers", "0", "--precision", "bf16", "--output", str(out), "--no-progress"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["data"]["class_names_source"] == "imagenet-1k" and rep["per_class"][0]["name"] == "tench"
+    assert rep["images_scored"] == 1000 and rep["precision"] == "bf16" and not rep["random_weights"]
+    assert rep["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "names_mismatch", "empty_class", "ckpt_mismatch", "bad_templates"])
+def test_cli_bad_input_fails_before_work(tmp_path, capsys, case):
+    make_photo_folder(tmp_path / "data", size=32, corrupt=False)
+    argv = ["--model", "clip-b32-tiny", "--data", str(tmp_path / "data"), "--device", "cpu", "--workers", "0",
+            "--output", str(tmp_path / "r.json")]
+    expect = {"missing_ckpt": "does not exist", "names_mismatch": "has 2 names but the data folder has 5",
+              "empty_class": "without images", "ckpt_mismatch": "cannot load checkpoint",
+              "bad_templates": "neither"}[case]
+    if case == "missing_ckpt":
+        argv += ["--pretrained", str(tmp_path / "nope.pt")]
+    elif case == "names_mismatch":
+        (tmp_path / "n.txt").write_text("a\nb\n")
+        argv += ["--classnames", str(tmp_path / "n.txt")]
+    elif case == "empty_class":
+        (tmp_path / "data" / "zebra").mkdir()
+    elif case == "ckpt_mismatch":
+        other = tmp_path / "other.safetensors"
+        msclip.save_pretrained(msclip.create_model("msclip-s-b32-tiny"), other)
+        argv += ["--pretrained", str(other)]
+    else:
+        argv += ["--templates", "imagenet81"]
+    assert zs_cmd.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and expect in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_command_is_discovered_by_cli():
+    from msclip.cli import build_parser
+
+    args = build_parser().parse_args(["zeroshot", "--model", "clip-b32-tiny", "--data", "x"])
+    assert args._run is zs_cmd.run and args.templates == "imagenet80"
