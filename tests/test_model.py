@@ -1,0 +1,115 @@
+"""Model behaviour on tiny configs: gradients, checkpointing, precision, text trimming, attention maps."""
+import pytest
+import torch
+
+import msclip
+
+TINY = [m for m in msclip.list_models() if m.endswith("-tiny")]
+
+
+def batch(name, n=3):
+    cfg = msclip.get_model_config(name)
+    images = torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size)
+    tokens = msclip.get_tokenizer(name)(["a photo of a dog", "two cats on a red mat", "x"][:n])
+    return images, tokens
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_parameter_gets_a_gradient(name):
+    model = msclip.create_model(name).train()
+    images, tokens = batch(name)
+    out = model(images, tokens)
+    (out["logit_scale"] * out["image_features"] @ out["text_features"].T).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", ["msclip-s-b32-tiny", "clip-b32-tiny"])
+def test_grad_checkpointing_changes_nothing(name):
+    model = msclip.create_model(name).train()
+    images, tokens = batch(name)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        out = model(images, tokens)
+        (out["image_features"] * out["text_features"]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_text_trim_is_exact():
+    model = msclip.create_model("msclip-s-b32-tiny")
+    tok = msclip.get_tokenizer("msclip-s-b32-tiny")
+    tokens = tok(["a", "a much longer caption with quite a few words in it", ""])
+    assert model.trim_tokens(tokens).shape[1] < tokens.shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), model.encode_text(tokens, trim=False),
+                                   atol=1e-6, rtol=0)
+
+
+def test_hard_truncated_text_pools_at_sot():
+    tok = msclip.get_tokenizer("msclip-s-b32")
+    tokens = tok(["word " * 200])
+    assert tokens.shape == (1, 77) and 49407 not in tokens[0].tolist() and tokens.argmax() == 0
+    eot_tok = msclip.get_tokenizer("clip-b32")(["word " * 200])
+    assert eot_tok[0, -1] == 49407
+
+
+def test_batch_independent_eval():
+    model = msclip.create_model("msclip-s-b32-tiny")
+    images, tokens = batch("msclip-s-b32-tiny")
+    with torch.no_grad():
+        full = model.encode_image(images)
+        single = torch.cat([model.encode_image(images[i:i + 1]) for i in range(3)])
+        torch.testing.assert_close(full, single, atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_and_bf16_weights_close_to_fp32():
+    model = msclip.create_model("msclip-s-b32-tiny")
+    images, tokens = batch("msclip-s-b32-tiny")
+    with torch.no_grad():
+        ref = model(images, tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = model(images, tokens)
+        bf16 = msclip.create_model("msclip-s-b32-tiny", precision="bf16")
+        bf16.load_state_dict(model.state_dict())
+        cast = bf16(images.bfloat16(), tokens)
+    for out in (amp, cast):
+        for key in ("image_features", "text_features"):
+            cos = torch.nn.functional.cosine_similarity(out[key].float(), ref[key], dim=-1)
+            assert (cos > 0.98).all(), (key, cos)
+
+
+def test_attention_maps_match_fused_path():
+    model = msclip.create_model("msclip-s-b32-tiny")
+    images, tokens = batch("msclip-s-b32-tiny")
+    layers = (1, 3)
+    inter = model.forward_intermediates(images=images, tokens=tokens, attn_layers=layers)
+    plain = model.forward_intermediates(images=images, tokens=tokens)
+    for key in ("image_hidden", "text_hidden"):
+        for a, b in zip(inter[key], plain[key]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    attn = inter["text_attn"][3]
+    assert attn.shape == (3, 2, 32, 32)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3, 2, 32))
+    assert attn.triu(1).abs().max() == 0  # causal
+    assert set(inter["image_attn"]) == set(layers) and inter["image_layers"] == [1, 2, 3, 4, 5]
+    assert len(inter["text_pooled"]) == 6 and inter["text_pooled"][0].shape == (3, 64)
+
+
+def test_pretrained_yaml_default(tmp_path, monkeypatch):
+    """A yaml whose MODEL.PRETRAINED_MODEL exists loads it when `pretrained` is not given."""
+    from msclip.checkpoint import save_official
+    from reference_utils import REF_DIR
+
+    model = msclip.create_model(str(REF_DIR / "config.yaml"))
+    save_official(model, tmp_path / "w.pth")
+    text = (REF_DIR / "config.yaml").read_text().replace("  NAME: clip_openai_pe_res_v1",
+                                                          "  NAME: clip_openai_pe_res_v1\n  PRETRAINED_MODEL: w.pth")
+    (tmp_path / "c.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    loaded = msclip.create_model("c.yaml")
+    assert torch.equal(loaded.image.proj, model.image.proj)
