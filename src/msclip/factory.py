@@ -11,7 +11,6 @@ from .checkpoint import load_pretrained
 from .config import ConfigError, ModelCfg
 from .model import MSCLIP
 from .tokenizer import Tokenizer
-from .transforms import image_transform
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _REGISTRY: dict[str, Path] = {}
@@ -92,6 +91,8 @@ def create_model(name_or_path: str | os.PathLike, pretrained: str | os.PathLike 
 
 def create_model_and_transforms(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None,
                                 device: str | torch.device | None = None, precision: str = "fp32"):
+    from .transforms import image_transform  # torchvision is slow to import; only load it when needed
+
     model = create_model(name_or_path, pretrained, device, precision)
     size = model.cfg.vision.image_size
     return (model, image_transform(model.cfg.preprocess, size, is_train=True),
