@@ -1,7 +1,7 @@
 """WebDataset tar shards in the img2dataset layout (``key.jpg|png|webp`` + ``key.txt|json``).
 
 Pipeline per worker: shard list (shuffled per epoch, the same on every rank) -> split by node (explicit
-rank) -> split by worker -> tar samples -> shuffle buffer -> decode + caption check (skip and count)
+rank) and by worker (or, resampled: shards drawn with replacement) -> tar samples -> shuffle buffer -> decode + caption check (skip and count)
 -> transform -> batch + tokenize. ``with_epoch`` repeats the worker's shards as needed and stops after
 exactly ``batches_per_worker`` batches, so every worker and rank runs the same number of steps.
 
@@ -112,7 +112,10 @@ class _ShardSource:
                 yield {"url": rng.choice(self.urls)}
         urls = list(self.urls)
         random.Random(mix_seed(self.seed, epoch)).shuffle(urls)  # identical on all ranks: a partition
-        for url in urls[self.rank::self.world_size]:
+        # Split by node, then by worker. Not wds.split_by_*: those read RANK/WORKER/NUM_WORKERS from the
+        # environment, which would override the explicit rank given here.
+        worker, num_workers = _worker()
+        for url in urls[self.rank::self.world_size][worker::num_workers]:
             yield {"url": url}
 
 
@@ -235,8 +238,6 @@ def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, ba
                          f"one batch of {batch_size}")
     state = _WorkerState()
     stages: list[Any] = [_ShardSource(urls, epoch_value, seed, rank, world_size, spec.resampled, state)]
-    if not spec.resampled:
-        stages.append(wds.split_by_worker)
     stages.append(wds.tarfile_to_samples(handler=_ReadErrorHandler(state)))
     if spec.shuffle_buffer > 0:
         stages.append(_Shuffle(spec.shuffle_buffer, seed, rank, epoch_value, state))
