@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="official model yaml, e.g. experiments/model/b32-laion-msclips.yaml")
+    parser.add_argument("--pretrained", default=None, help="weights file (default: MODEL.PRETRAINED_MODEL)")
     parser.add_argument("--ds", default=None, help=f"dataset yaml (default {DEFAULT_DS} if present)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
            "--workers", str(args.workers), "--precision", args.precision, "--output", output]
     if args.device:
         cmd += ["--device", args.device]
+    if args.pretrained:
+        cmd += ["--pretrained", args.pretrained]
     if args.no_progress:
         cmd.append("--no-progress")
     if not args.model.endswith((".yaml", ".yml")):
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = zeroshot.prepare(zargs)
         if plan.checkpoint is None:
-            raise zeroshot.UsageError(f"{args.model} sets no MODEL.PRETRAINED_MODEL; the official script needs one")
+            raise zeroshot.UsageError(f"{args.model} sets no MODEL.PRETRAINED_MODEL; pass --pretrained")
         model = zeroshot.load_model(args.model, plan.checkpoint, plan.device, args.precision)
     except (ValueError, FileNotFoundError) as e:  # UsageError / DataError / TemplateError are ValueErrors
         print(f"eval_zeroshot: error: {e}", file=sys.stderr)
