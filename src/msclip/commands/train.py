@@ -41,11 +41,7 @@ def run(args: argparse.Namespace) -> int:
     return run_from_cli(args.config, collect_overrides(args))
 
 
-if __name__ == "__main__":
-    try:
-        from msclip.cli import run_command
-    except ImportError:  # the CLI dispatcher is optional here
-        parser = argparse.ArgumentParser(prog="msclip train", description=HELP)
-        add_arguments(parser)
-        raise SystemExit(run(parser.parse_args()))
-    raise SystemExit(run_command(__name__))
+if __name__ == "__main__":  # torchrun -m msclip.commands.train ...
+    from msclip.cli import run_command
+
+    raise SystemExit(run_command("train"))

@@ -6,7 +6,7 @@ logits = image_features @ W; top-1 / top-5 and mean per-class recall.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,10 @@ GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}
 
 
 def fill_template(template: str, classname: str) -> str:
-    return template.replace("{c}", classname) if "{c}" in template else template.format(classname)
+    """``template.format(classname)`` with "a" -> "an" before a vowel ("an ankle boot")."""
+    from msclip.data.fashion_mnist import render_caption
+
+    return render_caption(template, classname)
 
 
 @torch.no_grad()
@@ -36,7 +39,7 @@ def build_classifier(model: nn.Module, tokenizer: Callable, classnames: Sequence
 
 @torch.no_grad()
 def evaluate_zeroshot(model: nn.Module, classifier: torch.Tensor, loader: DataLoader, device: torch.device,
-                      autocast: Callable[[], ContextManager]) -> dict[str, float]:
+                      autocast: Callable[[], ContextManager], per_class: bool = False) -> dict[str, Any]:
     num_classes = classifier.shape[1]
     correct1 = correct5 = total = 0
     per_class_hit = torch.zeros(num_classes)
@@ -52,9 +55,12 @@ def evaluate_zeroshot(model: nn.Module, classifier: torch.Tensor, loader: DataLo
         total += len(labels)
         per_class_n += torch.bincount(labels, minlength=num_classes).float()
         per_class_hit += torch.bincount(labels[hit1], minlength=num_classes).float()
-    recall = (per_class_hit / per_class_n.clamp(min=1))[per_class_n > 0].mean()
-    return {"top1": correct1 / max(total, 1), "top5": correct5 / max(total, 1),
-            "mean_per_class_recall": float(recall), "num_images": total}
+    recalls = per_class_hit / per_class_n.clamp(min=1)
+    out: dict[str, Any] = {"top1": correct1 / max(total, 1), "top5": correct5 / max(total, 1),
+                           "mean_per_class_recall": float(recalls[per_class_n > 0].mean()), "num_images": total}
+    if per_class:
+        out["per_class"] = recalls.tolist()
+    return out
 
 
 class ArrayImages(Dataset):
@@ -67,18 +73,18 @@ class ArrayImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+        return self.transform(Image.fromarray(self.images[i]).convert("RGB")), int(self.labels[i])
 
 
 def fashion_mnist_eval_set(transform: Callable, num_samples: int | None = None, root: str | None = None,
                            split: str = "test") -> tuple[Dataset, list[str]]:
     """The Fashion-MNIST test split (first ``num_samples``: classes are balanced throughout the file)."""
-    from msclip.data.fashion_mnist import FASHION_MNIST_CLASSNAMES, load_fashion_mnist
+    from msclip.data.fashion_mnist import FASHION_MNIST_CAPTION_NAMES, load_fashion_mnist
 
     images, labels = load_fashion_mnist(split, root=root)
     if num_samples is not None:
         images, labels = images[:num_samples], labels[:num_samples]
-    return ArrayImages(np.asarray(images), np.asarray(labels), transform), list(FASHION_MNIST_CLASSNAMES)
+    return ArrayImages(np.asarray(images), np.asarray(labels), transform), list(FASHION_MNIST_CAPTION_NAMES)
 
 
 def folder_eval_set(root: str | Path, transform: Callable,
@@ -102,17 +108,18 @@ class ZeroShotEvaluator:
 
     def __init__(self, dataset: Dataset, classnames: Sequence[str], templates: Sequence[str],
                  tokenizer: Callable, device: torch.device, autocast: Callable[[], ContextManager],
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, per_class: bool = False) -> None:
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
         self.classnames, self.templates = list(classnames), list(templates)
         self.tokenizer, self.device, self.autocast = tokenizer, device, autocast
+        self.per_class = per_class
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
         was_training = model.training
         model.eval()
         try:
             clf = build_classifier(model, self.tokenizer, self.classnames, self.templates, self.device,
                                    self.autocast)
-            return evaluate_zeroshot(model, clf, self.loader, self.device, self.autocast)
+            return evaluate_zeroshot(model, clf, self.loader, self.device, self.autocast, self.per_class)
         finally:
             model.train(was_training)

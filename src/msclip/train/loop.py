@@ -132,10 +132,8 @@ class TrainLoop:
             grad_norm = float(norm)
             # with fp16 the scaler itself skips inf-grad steps and lowers its scale; that is not an error
             bad = self.scaler is None and not torch.isfinite(norm)
-        if bad:
+        if bad:  # (with a scaler, bad implies no unscale_ happened, so there is nothing to update)
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None and self.grad_clip_norm is not None:
-                self.scaler.update()
             return loss_val, grad_norm, False
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -151,7 +149,8 @@ class TrainLoop:
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, tokens = batch
         dev = self.env.device
-        return images.to(dev, non_blocking=True), cut_tokens(tokens).to(dev, non_blocking=True)
+        trim = getattr(self.unwrapped, "trim_tokens", cut_tokens)  # the model's rule (rounded lengths)
+        return images.to(dev, non_blocking=True), trim(tokens).to(dev, non_blocking=True)
 
     def _maybe_eval(self, step: int, force: bool = False) -> None:
         if self.eval_fn is None or not (force or (self.eval_every > 0 and step % self.eval_every == 0)):
@@ -207,7 +206,7 @@ class TrainLoop:
                 if st.step % self.log_every == 0 or st.step == self.total_steps:
                     now = time.perf_counter()
                     sps = (st.step - n_last) * self.global_batch / max(now - t_last, 1e-9)
-                    values = {"loss": loss, "logit_scale": float(self.unwrapped.logit_scale.exp()),
+                    values = {"loss": loss, "logit_scale": float(self.unwrapped.logit_scale.detach().exp()),
                               "samples_per_s": sps, "data_time": data_time / max(st.step - n_last, 1),
                               "epoch": st.epoch, "samples": st.samples_seen, "nonfinite_total": st.nonfinite_total}
                     values.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})

@@ -26,8 +26,7 @@ from msclip.train.optim import build_optimizer
 from msclip.train.precision import get_precision
 from msclip.train.recipe import Recipe, RecipeError, load_recipe, save_recipe
 from msclip.train.scheduler import WarmupCosine
-from msclip.train.state import (capture_rng, checkpoint_path, load_train_state, resolve_resume, restore_rng,
-                                save_train_state)
+from msclip.train.state import capture_rng, checkpoint_path, load_train_state, resolve_resume, save_train_state
 
 log = logging.getLogger("msclip.train")
 
@@ -103,6 +102,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> TrainResult:
     if recipe.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    threads = torch.get_num_threads()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     env = D.init_distributed(recipe.device)
@@ -110,6 +110,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> TrainResult:
         return _train(recipe, env, stop_after, t_start)
     finally:
         D.cleanup(env)
+        torch.set_num_threads(threads)  # train() may run inside a larger process (tests, the demo)
 
 
 def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, t_start: float) -> TrainResult:

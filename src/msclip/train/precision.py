@@ -12,11 +12,10 @@ log = logging.getLogger(__name__)
 
 
 def cpu_supports_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels (AVX512-BF16 / AMX); otherwise bf16 is emulated and slow."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """True when the CPU has native bf16 math (AVX512-BF16 or AMX). oneDNN also "supports" bf16 on plain
+    AVX-512 by converting, but there it is slower than fp32 (measured), so that does not count."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -24,9 +23,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_supports_bf16() else "fp32"
+    if name not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"train.precision={name!r}: use auto, fp32, bf16 or fp16")
     if name == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
-        log.warning("bf16 requested but this CPU has no native bf16 kernels; using fp32")
-        return "fp32"
+        log.warning("bf16 requested but this CPU has no native bf16 math (AVX512-BF16/AMX); it will be slow")
     if name == "fp16" and device.type == "cpu":
         log.warning("fp16 on CPU has no fast kernels (orders of magnitude slower than bf16)")
     return name
