@@ -14,8 +14,10 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), self.normalized_shape, None, None, self.eps).to(x.dtype)
-        return y * self.weight.to(x.dtype) + self.bias.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)  # one fused op
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
