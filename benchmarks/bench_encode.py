@@ -21,7 +21,7 @@ def main() -> None:
 
     device = device_from_env()
     torch.manual_seed(0)
-    n_img, n_txt = (16, 64) if device.type == "cpu" else (256, 1024)
+    n_img, n_txt = (8, 32) if device.type == "cpu" else (256, 1024)
     ref = open_clip.create_model("ViT-B-32-quickgelu").eval()
     ours = msclip.create_model("clip-b32")
     ours.load_state_dict(msclip.checkpoint.convert_state_dict(ref.state_dict(), ours))

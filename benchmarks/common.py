@@ -17,7 +17,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def best_time(fn: Callable[[], object], device: torch.device, reps: int = 3, warmup: int = 1) -> float:
+def best_time(fn: Callable[[], object], device: torch.device, reps: int = 2, warmup: int = 1) -> float:
     """Best wall time of `reps` calls after `warmup` calls (best-of is robust to noisy neighbours)."""
     for _ in range(warmup):
         fn()
