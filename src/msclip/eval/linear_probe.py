@@ -3,8 +3,9 @@
 Two protocols:
 * ``clip``: the CLIP paper's L2-regularised logistic regression fitted with L-BFGS (float64 by default).
   The inverse strength C is searched on a validation split coarse-to-fine (decades 1e-6..1e6, then three
-  halvings of the step, i.e. 1/8-decade resolution like the paper's 96 log-spaced values), then the
-  model is refitted on train+val and scored on test. Objective = mean loss + ||W||^2 / (2 C N), which is
+  halvings of the step, i.e. 1/8-decade resolution like the paper's 96 log-spaced values; the coarse
+  sweep stops after 3 decades in a row below the best, `patience=None` sweeps all 13), then the model
+  is refitted on train+val and scored on test. Objective = mean loss + ||W||^2 / (2 C N), which is
   scikit-learn's `C * sum(loss) + ||W||^2 / 2` divided by C*N (bias unpenalised, as sklearn's lbfgs).
 * ``sgd``: a linear layer trained with AdamW and a cosine schedule (the official MS-CLIP config's
   "50 epochs linear classifier"), on standardised features; the weight decay is searched the same way.
@@ -89,11 +90,14 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float, multilabel: bool = 
 
 
 def search_hparam(evaluate: Callable[[list[float]], list[float]], coarse: list[float],
-                  refine_steps: int = 3) -> tuple[float, list[tuple[float, float]]]:
-    """Coarse grid then `refine_steps` halvings around the best exponent.
+                  refine_steps: int = 3, patience: int | None = None) -> tuple[float, list[tuple[float, float]]]:
+    """Coarse grid then `refine_steps` halvings around the best exponent (never beyond the grid's ends).
 
     `evaluate(exponents) -> validation scores` (higher is better). Ties keep the earlier coarse value
-    and, when refining, the current best. Returns (best exponent, [(exponent, score), ...] in call order).
+    and, when refining, the current best. With `patience`, the coarse grid is walked one value at a time
+    and abandoned after `patience` consecutive values below the best so far (the weakly regularised
+    end of a C sweep is by far the slowest to fit). Returns (best exponent, [(exponent, score), ...]
+    in call order).
     """
     seen: dict[float, float] = {}
     history: list[tuple[float, float]] = []
@@ -105,11 +109,20 @@ def search_hparam(evaluate: Callable[[list[float]], list[float]], coarse: list[f
                 seen[e] = s
                 history.append((e, s))
 
-    run(coarse)
-    best = max(coarse, key=lambda e: (seen[e], -coarse.index(e)))
+    if patience:
+        worse = 0
+        for e in coarse:
+            run([e])
+            worse = 0 if seen[e] >= max(seen.values()) else worse + 1
+            if worse >= patience:
+                break
+    else:
+        run(coarse)
+    best = max(seen, key=lambda e: (seen[e], -coarse.index(e)))
     step = abs(coarse[1] - coarse[0]) / 2 if len(coarse) > 1 else 0.0
     for _ in range(refine_steps if step else 0):
-        cand = [best - step, best + step]
+        lo, hi = min(coarse), max(coarse)
+        cand = [e for e in (best - step, best + step) if lo <= e <= hi]  # stay inside the searched range
         run(cand)
         for e in cand:
             if seen[e] > seen[best]:
@@ -128,12 +141,13 @@ def _split_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, to
 def probe_clip(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                test: tuple[torch.Tensor, torch.Tensor], metric: str, multilabel: bool = False,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
-               coarse: list[float] | None = None, refine_steps: int = 3, max_iter: int = 1000) -> dict:
+               coarse: list[float] | None = None, refine_steps: int = 3, max_iter: int = 1000,
+               patience: int | None = 3) -> dict:
     """CLIP-paper protocol: choose C on val (warm-started sweep), refit on train+val, score on test."""
     dev = torch.device(device)
     xs = [t[0].to(dev, dtype) for t in (train, val, test)]
     ys = [t[1].to(dev) for t in (train, val, test)]
-    c = num_outputs(torch.cat([ys[0], ys[1]]), multilabel) if not multilabel else ys[0].shape[1]
+    c = ys[0].shape[1] if multilabel else num_outputs(torch.cat(ys), False)  # a class may be test-only
     solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def evaluate(exps: list[float]) -> list[float]:
@@ -147,7 +161,7 @@ def probe_clip(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
         return out
 
     t0 = time.perf_counter()
-    best, history = search_hparam(evaluate, coarse or CLIP_C_EXPONENTS, refine_steps)
+    best, history = search_hparam(evaluate, coarse or CLIP_C_EXPONENTS, refine_steps, patience)
     x_all, y_all = torch.cat([xs[0], xs[1]]), torch.cat([ys[0], ys[1]])
     w, b = fit_logistic(x_all, y_all, 10.0 ** best, multilabel, c, max_iter, solutions[best])
     return {"protocol": "clip", "metric": metric, "score": score(metric, xs[2] @ w + b, ys[2]),
@@ -157,7 +171,7 @@ def probe_clip(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
 
 # ------------------------------------------------------------------------- sgd protocol
 def train_linear_heads(x: torch.Tensor, y: torch.Tensor, wds: list[float], num_classes: int,
-                       multilabel: bool = False, epochs: int = 50, lr: float = 1e-3, batch_size: int = 256,
+                       multilabel: bool = False, epochs: int = 50, lr: float = 1e-2, batch_size: int = 256,
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Train len(wds) linear heads at once (AdamW, cosine LR, decoupled weight decay per head on W)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -189,13 +203,13 @@ def train_linear_heads(x: torch.Tensor, y: torch.Tensor, wds: list[float], num_c
 
 def probe_sgd(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
               test: tuple[torch.Tensor, torch.Tensor], metric: str, multilabel: bool = False,
-              device: str | torch.device = "cpu", epochs: int = 50, lr: float = 1e-3, batch_size: int = 256,
+              device: str | torch.device = "cpu", epochs: int = 50, lr: float = 1e-2, batch_size: int = 256,
               coarse: list[float] | None = None, refine_steps: int = 2, seed: int = 0) -> dict:
     """AdamW linear layer; weight decay chosen on val, refit on train+val, scored on test."""
     dev = torch.device(device)
     xs = [t[0].to(dev, torch.float32) for t in (train, val, test)]
     ys = [t[1].to(dev) for t in (train, val, test)]
-    c = ys[0].shape[1] if multilabel else num_outputs(torch.cat([ys[0], ys[1]]), False)
+    c = ys[0].shape[1] if multilabel else num_outputs(torch.cat(ys), False)  # a class may be test-only
 
     def standardise(fit_on: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         mu, sd = fit_on.mean(0), fit_on.std(0).clamp(min=1e-6)

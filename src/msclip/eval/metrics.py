@@ -26,7 +26,7 @@ def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ..
 def mean_per_class_recall(scores: torch.Tensor, targets: torch.Tensor, num_classes: int | None = None) -> float:
     """Mean over the classes present in `targets` of the per-class recall (balanced accuracy)."""
     preds = scores.argmax(dim=1) if scores.dim() == 2 else scores
-    c = num_classes or (int(max(preds.max().item(), targets.max().item())) + 1)
+    c = max(num_classes or 0, int(max(preds.max().item(), targets.max().item())) + 1)
     support = torch.bincount(targets, minlength=c).double()
     correct = torch.bincount(targets[preds == targets], minlength=c).double()
     present = support > 0

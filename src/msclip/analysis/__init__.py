@@ -1,0 +1,1 @@
+"""Analysis of modality sharing: modality gap, per-layer NMI, attention maps."""

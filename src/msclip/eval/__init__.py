@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification, linear probes, retrieval, and their metrics."""

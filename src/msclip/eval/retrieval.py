@@ -1,0 +1,163 @@
+"""Image-text retrieval: annotation readers and recall@k as in the CLIP paper, computed in chunks.
+
+Image->text R@k: share of images with at least one of their captions among the k best-scoring captions.
+Text->image R@k: share of captions whose image is among the k best-scoring images. Similarities are
+computed one chunk of queries at a time, so 25k captions x 5k images never need the full matrix.
+Ties count against the query (a competitor scoring exactly as high is ranked ahead).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .suite_datasets import find_shards, index_tar_shards, open_image, wds_image
+
+
+@dataclass
+class RetrievalSet:
+    images: list[Any]  # path or TarMember per image
+    captions: list[str]
+    caption_image: list[int]  # index into `images` of each caption's image
+    format: str = ""
+
+
+# ------------------------------------------------------------------------- readers
+def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split: str = "test") -> RetrievalSet:
+    """Karpathy-split JSON (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "images" not in data:
+        raise ValueError(f"{path}: not a Karpathy-split file (no 'images' list)")
+    images, captions, owner = [], [], []
+    for rec in data["images"]:
+        if split != "all" and rec.get("split") != split:
+            continue
+        sents = [s.get("raw") or " ".join(s.get("tokens", [])) for s in rec.get("sentences", [])]
+        sents = [s for s in sents if s]
+        if not sents:
+            continue
+        images.append(str(Path(images_root) / rec.get("filepath", "") / rec["filename"]))
+        for s in sents:
+            captions.append(s)
+            owner.append(len(images) - 1)
+    if not images:
+        splits = sorted({r.get("split", "?") for r in data["images"]})
+        raise ValueError(f"{path}: no image with captions in split {split!r} (splits present: {splits})")
+    return RetrievalSet(images, captions, owner, "karpathy")
+
+
+def read_csv_pairs(path: str | os.PathLike, images_root: str | os.PathLike | None = None,
+                   image_key: str | None = None, caption_key: str | None = None) -> RetrievalSet:
+    """CSV/TSV of (image, caption) rows; several rows may share one image (kept in first-seen order)."""
+    path = Path(path)
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        cols = reader.fieldnames or []
+        ik = image_key or next((c for c in ("image", "filepath", "filename", "file", "path") if c in cols), None)
+        ck = caption_key or next((c for c in ("caption", "text", "title", "sentence") if c in cols), None)
+        if ik not in cols or ck not in cols:
+            raise ValueError(f"{path}: need image and caption columns (found {cols}); pass the column names")
+        root = Path(images_root) if images_root else path.parent
+        index: dict[str, int] = {}
+        images, captions, owner = [], [], []
+        for row in reader:
+            p, cap = row[ik], (row[ck] or "").strip()
+            if not cap:
+                continue
+            if p not in index:
+                index[p] = len(images)
+                images.append(str(root / p))
+            captions.append(cap)
+            owner.append(index[p])
+    if not images:
+        raise ValueError(f"{path}: no (image, caption) rows")
+    return RetrievalSet(images, captions, owner, "csv")
+
+
+def _captions_of(sample: dict) -> list[str]:
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        caps = meta.get("captions") or meta.get("caption") or meta.get("text") or []
+        return [caps] if isinstance(caps, str) else [c for c in caps if c]
+    text = sample.get("txt") or sample.get("caption") or sample.get("text") or ""
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def read_wds_pairs(path: str | os.PathLike) -> RetrievalSet:
+    """WebDataset shards (a .tar or a folder of them): image + .txt (one caption per line) or .json."""
+    shards = find_shards(path)
+    if not shards:
+        raise FileNotFoundError(f"{path}: no .tar shards found")
+    images, captions, owner = [], [], []
+    for s in index_tar_shards(shards):
+        img, caps = wds_image(s), _captions_of(s)
+        if img is None or not caps:
+            continue
+        images.append(img)
+        captions += caps
+        owner += [len(images) - 1] * len(caps)
+    if not images:
+        raise ValueError(f"{path}: shards hold no sample with both an image and a caption")
+    return RetrievalSet(images, captions, owner, "wds")
+
+
+def read_annotations(annotations: str, images_root: str | None = None, split: str = "test",
+                     image_key: str | None = None, caption_key: str | None = None) -> RetrievalSet:
+    p = Path(annotations)
+    if not p.exists():
+        raise FileNotFoundError(f"annotations {annotations!r} do not exist")
+    if p.is_dir() or p.suffix == ".tar":
+        return read_wds_pairs(p)
+    if p.suffix.lower() == ".json":
+        if images_root is None:
+            raise ValueError("Karpathy JSON annotations need --images ROOT")
+        return read_karpathy(p, images_root, split)
+    return read_csv_pairs(p, images_root, image_key, caption_key)
+
+
+class ImageSource(torch.utils.data.Dataset):
+    """Images of a RetrievalSet as (PIL, image index)."""
+
+    def __init__(self, images: list[Any]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return open_image(self.images[i]), i
+
+
+# ------------------------------------------------------------------------- metrics
+def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: torch.Tensor,
+                ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
+    """Recall@k in both directions (fractions). Embeddings should be L2-normalised; [I, E] and [T, E]."""
+    caption_image = caption_image.to(image_emb.device).long()
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    # text -> image: rank of the caption's own image among all images
+    t2i_rank = torch.empty(n_txt, dtype=torch.long, device=image_emb.device)
+    for s in range(0, n_txt, chunk):
+        sims = text_emb[s:s + chunk] @ image_emb.T  # [c, I]
+        own = sims.gather(1, caption_image[s:s + chunk, None])
+        t2i_rank[s:s + chunk] = (sims >= own).sum(1) - 1  # 0 = best; ties rank ahead of the query
+    # image -> text: rank of the best-scoring caption of the image among all captions
+    i2t_rank = torch.empty(n_img, dtype=torch.long, device=image_emb.device)
+    for s in range(0, n_img, chunk):
+        sims = image_emb[s:s + chunk] @ text_emb.T  # [c, T]
+        rows = torch.arange(s, min(s + chunk, n_img), device=sims.device)
+        positive = caption_image[None, :] == rows[:, None]
+        best_pos = sims.masked_fill(~positive, float("-inf")).max(1, keepdim=True).values
+        i2t_rank[s:s + chunk] = ((sims >= best_pos) & ~positive).sum(1)
+    out = {}
+    for k in ks:
+        out[f"image_to_text_R@{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"text_to_image_R@{k}"] = (t2i_rank < k).float().mean().item()
+    out["image_to_text_mean_rank"] = i2t_rank.float().mean().item() + 1
+    out["text_to_image_mean_rank"] = t2i_rank.float().mean().item() + 1
+    return out

@@ -1,0 +1,94 @@
+"""Retrieval: chunked recall@k equals a brute-force computation; annotation readers."""
+import csv
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from msclip.eval.retrieval import ImageSource, read_annotations, recall_at_k
+
+
+def brute_force(img, txt, owner, k):
+    sims = img @ txt.T
+    i2t = sum(any(owner[j] == i for j in sims[i].argsort(descending=True)[:k].tolist())
+              for i in range(len(img))) / len(img)
+    t2i = sum(owner[j] in sims[:, j].argsort(descending=True)[:k].tolist() for j in range(len(txt))) / len(txt)
+    return i2t, t2i
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_recall_matches_brute_force_with_several_captions(chunk):
+    g = torch.Generator().manual_seed(0)
+    n_img, per = 20, [5, 3, 1] * 6 + [2, 4]  # uneven number of captions per image
+    owner = torch.tensor([i for i, n in enumerate(per) for _ in range(n)])
+    img = F.normalize(torch.randn(n_img, 16, generator=g), dim=-1)
+    txt = F.normalize(img[owner] + 0.9 * torch.randn(len(owner), 16, generator=g), dim=-1)
+    out = recall_at_k(img, txt, owner, ks=(1, 5, 10), chunk=chunk)
+    for k in (1, 5, 10):
+        i2t, t2i = brute_force(img, txt, owner.tolist(), k)
+        assert out[f"image_to_text_R@{k}"] == pytest.approx(i2t)
+        assert out[f"text_to_image_R@{k}"] == pytest.approx(t2i)
+    assert 0 < out["text_to_image_R@1"] < 1  # the noise makes the test non-trivial
+
+
+def test_perfect_embeddings_give_recall_one():
+    owner = torch.tensor([0, 0, 1, 1, 2])
+    img = torch.eye(3)
+    out = recall_at_k(img, img[owner], owner, ks=(1,))
+    assert out["image_to_text_R@1"] == out["text_to_image_R@1"] == 1.0
+
+
+def _png_bytes(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_readers_karpathy_csv_wds(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    karpathy = {"images": [
+        {"filename": "a.png", "split": "test", "sentences": [{"raw": "a red square"}, {"raw": "red"}]},
+        {"filename": "b.png", "split": "test", "sentences": [{"raw": "another one"}]},
+        {"filename": "c.png", "split": "train", "sentences": [{"raw": "not in test"}]}]}
+    (tmp_path / "k.json").write_text(json.dumps(karpathy))
+    rs = read_annotations(str(tmp_path / "k.json"), str(tmp_path))
+    assert rs.captions == ["a red square", "red", "another one"] and rs.caption_image == [0, 0, 1]
+    assert ImageSource(rs.images)[1][0].size == (8, 8)
+
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["image", "caption"], ["a.png", "one"], ["b.png", "two"], ["a.png", "three"]])
+    rs = read_annotations(str(tmp_path / "pairs.csv"))
+    assert rs.caption_image == [0, 1, 0] and len(rs.images) == 2
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "0.tar", "w") as tar:
+        _add(tar, "s0.png", _png_bytes("blue"))
+        _add(tar, "s0.txt", b"a blue square\nblue")
+        _add(tar, "s1.jpg", _png_bytes("green"))  # content is PNG: PIL sniffs the format
+        _add(tar, "s1.json", json.dumps({"captions": ["green"]}).encode())
+        _add(tar, "s2.txt", b"caption without image")
+    rs = read_annotations(str(shards))
+    assert rs.captions == ["a blue square", "blue", "green"] and rs.caption_image == [0, 0, 1]
+    assert ImageSource(rs.images)[0][0].getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        read_annotations(str(tmp_path / "nope.json"), str(tmp_path))
+    (tmp_path / "k.json").write_text(json.dumps({"images": [{"filename": "a", "split": "train",
+                                                             "sentences": [{"raw": "x"}]}]}))
+    with pytest.raises(ValueError, match="k.json.*split 'test'"):
+        read_annotations(str(tmp_path / "k.json"), str(tmp_path))
