@@ -29,7 +29,7 @@ class UsageError(ValueError):
 # ---------------------------------------------------------------------------------- shared helpers
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="NAME|YAML",
-                        help="named msclip config (see `msclip list`), a .json config, or an official .yaml")
+                        help="named msclip config (see `msclip info`), a .json config, or an official .yaml")
     parser.add_argument("--pretrained", default=None, metavar="PATH",
                         help="weights (msclip / official / open_clip layout); default: MODEL.PRETRAINED_MODEL "
                              "of an official yaml")
