@@ -15,7 +15,7 @@ import msclip
 from msclip.checkpoint import convert_state_dict
 
 REF_DIR = Path(__file__).parent / "data" / "official_tiny"
-SPEC_MANIFESTS = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "manifests"
+SPEC_MANIFESTS = Path(__file__).parent / "data" / "manifests"  # copies of shared/spec/manifests
 
 
 def read_manifest(path: Path) -> list[dict]:
