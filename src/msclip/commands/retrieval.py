@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from msclip.commands.zeroshot import (UsageError, add_model_arguments, eval_transform, load_model, model_report,
+from msclip.commands._common import (UsageError, add_model_arguments, eval_transform, load_model, model_report,
                                       pick_device, progress_flag, resolve_checkpoint)
 
 NAME = "retrieval"
