@@ -14,12 +14,7 @@ MODEL = "clip-b32-tiny"
 COMMON = ["--model", MODEL, "--device", "cpu", "--workers", "0", "--no-progress", "--batch-size", "16"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _colors(root: Path, n_train=8, n_test=4):

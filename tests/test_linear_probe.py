@@ -6,13 +6,7 @@ import torch
 from msclip.eval.linear_probe import fit_logistic, run_probe, search_hparam
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: one thread avoids oversubscription on the shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
