@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from msclip.loss import ClipLoss, gather_features
+from torchrun_utils import run_torchrun
 
 TESTS = Path(__file__).resolve().parent
-SRC = TESTS.parent / "src"
 
 
 def naive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,29 +52,16 @@ def test_single_process_gather_is_identity() -> None:
     assert a is x and b is y
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dist") / "loss.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(TESTS / "dist_scripts" / "clip_loss_check.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun([str(TESTS / "dist_scripts" / "clip_loss_check.py"), str(out)], timeout=120)
     return json.loads(out.read_text())
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("impl", ["default", "legacy"])
 @pytest.mark.parametrize("local_loss", [False, True])
-def test_two_process_matches_single_process(dist_results: dict, impl: str, local_loss: bool) -> None:
+def test_two_process_matches_single_process(dist_results: dict, local_loss: bool) -> None:
     """Loss and grads of a 2-rank gloo run equal one process on the global batch (1e-5).
 
     Convention checked: mean of rank losses == L; each rank's feature grads == W * dL/dx[its slice];
@@ -87,15 +70,9 @@ def test_two_process_matches_single_process(dist_results: dict, impl: str, local
     """
     assert dist_results["world_size"] == 2
     res = dist_results["results"]
-    for key in (f"{impl}/local={local_loss}/grad=True", f"{impl}/local={local_loss}/ddp"):
+    for key in (f"local={local_loss}/grad=True", f"local={local_loss}/ddp"):
         for name, diff in res[key].items():
             assert diff < 1e-5, (key, name, diff)
     # Without grad through the gather the loss value is still exact.
-    no_grad = res[f"{impl}/local={local_loss}/grad=False"]
+    no_grad = res[f"local={local_loss}/grad=False"]
     assert no_grad["loss"] < 1e-5 and no_grad["scale_grad"] < 1e-5
-
-
-@pytest.mark.dist
-def test_default_gather_uses_functional_collectives(dist_results: dict) -> None:
-    # torch >= 2.11 ships autograd functional collectives; the legacy path is only a fallback.
-    assert dist_results["default_impl"] == "functional"

@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +18,8 @@ from msclip.train.optim import group_param_names, param_groups
 from msclip.train.recipe import OptimRecipe, RecipeError, load_recipe, recipe_from_dict
 from msclip.train.scheduler import lr_at
 from msclip.train.state import list_checkpoints, load_train_state, resolve_resume, save_train_state
+from torchrun_utils import run_torchrun
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 TINY = "clip-b32-tiny"
 
 
@@ -193,23 +189,12 @@ def test_ddp_wrap_on_cpu_has_no_device_ids() -> None:
     assert D.wrap_ddp(model, env) is model and D.unwrap(model) is model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 def test_torchrun_two_process_gloo_smoke(tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "msclip.commands.train",
-           "--model", TINY, "--train.steps", "2", "--name", "ddp", "--output_dir", str(tmp_path),
-           "data.kind=synthetic", "data.num_samples=32", "data.batch_size=4", "data.workers=0",
-           "train.precision=fp32", "log.progress=false", "log.tensorboard=false", "checkpoint.every=1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(["-m", "msclip.commands.train",
+                  "--model", TINY, "--train.steps", "2", "--name", "ddp", "--output_dir", str(tmp_path),
+                  "data.kind=synthetic", "data.num_samples=32", "data.batch_size=4", "data.workers=0",
+                  "train.precision=fp32", "log.progress=false", "log.tensorboard=false", "checkpoint.every=1"])
     state = load_train_state(tmp_path / "ddp" / "checkpoints" / "step_00000002.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["loop"]["samples_seen"] == 16
     assert math.isfinite(state["model"]["logit_scale"].item())

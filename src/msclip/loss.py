@@ -24,30 +24,22 @@ from torch import nn
 
 
 def _gather_impl() -> Callable[[torch.Tensor], torch.Tensor]:
-    """Pick the autograd all-gather available in this torch (>= 2.11); concatenates on dim 0."""
-    try:
-        import torch.distributed._functional_collectives as fc
-    except ImportError:  # pragma: no cover - every supported torch has it
-        fc = None
+    """The autograd all-gather of this torch's functional collectives (concatenates on dim 0).
+
+    Recent torch names it ``all_gather_single_autograd`` (and deprecates the older
+    ``all_gather_tensor_autograd``, which is the fallback).
+    """
+    import torch.distributed._functional_collectives as fc
+
     fn = getattr(fc, "all_gather_single_autograd", None) or getattr(fc, "all_gather_tensor_autograd", None)
-    if fn is not None:
-        def functional(x: torch.Tensor) -> torch.Tensor:
-            out = fn(x.contiguous(), 0, dist.group.WORLD)
-            # AsyncCollectiveTensor waits lazily; make the result a plain tensor for the matmul.
-            return out.wait() if hasattr(out, "wait") else out
-        return functional
-    return _gather_legacy
+    if fn is None:  # pragma: no cover - every supported torch has one of them
+        raise RuntimeError(f"torch {torch.__version__} has no autograd all-gather; msclip needs torch >= 2.11")
 
-
-def _gather_legacy(x: torch.Tensor) -> torch.Tensor:
-    """Fallback: torch.distributed.nn's autograd all_gather (deprecated in recent torch, still works)."""
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(x.contiguous()), dim=0)
+    def functional(x: torch.Tensor) -> torch.Tensor:
+        out = fn(x.contiguous(), 0, dist.group.WORLD)
+        # AsyncCollectiveTensor waits lazily; make the result a plain tensor for the matmul.
+        return out.wait() if hasattr(out, "wait") else out
+    return functional
 
 
 _GATHER_WITH_GRAD: Callable[[torch.Tensor], torch.Tensor] | None = None

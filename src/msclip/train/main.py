@@ -21,7 +21,7 @@ import torch
 import msclip
 from msclip.train import distributed as D
 from msclip.train.logger import RunLogger
-from msclip.train.loop import LoopState, TrainLoop
+from msclip.train.loop import LoopState, NonFiniteLossError, TrainLoop
 from msclip.train.optim import build_optimizer
 from msclip.train.precision import get_precision
 from msclip.train.recipe import Recipe, RecipeError, load_recipe, save_recipe
@@ -107,10 +107,16 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> TrainResult:
         torch.set_num_threads(recipe.train.threads)
     env = D.init_distributed(recipe.device)
     try:
-        return _train(recipe, env, stop_after, t_start)
+        result = _train(recipe, env, stop_after, t_start)
+    except NonFiniteLossError:
+        D.cleanup(env)  # every rank took this decision together (all-reduced), so they tear down in step
+        raise
     finally:
-        D.cleanup(env)
         torch.set_num_threads(threads)  # train() may run inside a larger process (tests, the demo)
+    # Not after other errors: the peers may be inside a collective and the teardown would hang;
+    # torchrun stops the other ranks when one fails.
+    D.cleanup(env)
+    return result
 
 
 def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, t_start: float) -> TrainResult:
@@ -257,8 +263,6 @@ def run_from_cli(config: str | None, overrides: list[str]) -> int:
     except RecipeError as e:
         print(f"msclip train: error: {e}", file=sys.stderr)
         return 2
-    from msclip.train.loop import NonFiniteLossError
-
     try:
         result = train(recipe)
     except NonFiniteLossError as e:
