@@ -74,7 +74,16 @@ def test_linprobe_cache_and_compare(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "colors/train: 16 features (cache)" in err and "colors/test: 8 features (cache)" in err
     assert sorted(p.name for p in cache.iterdir()) == n_cached  # nothing re-extracted
-    assert "weight_decay" in json.loads(out_b.read_text())["datasets"]["colors"]["hparam"]
+    rep_b = json.loads(out_b.read_text())
+    assert "weight_decay" in rep_b["datasets"]["colors"]["hparam"]
+    assert rep_b["settings"]["features"] == "pre-projection"
+
+    out_c = tmp_path / "c.json"  # the joint embedding is another feature set: extracted and cached apart
+    assert main(["linprobe"] + args[:-1] + [str(out_c), "--features", "embedding", "--tol", "1e-4"]) == 0
+    assert "colors/train: 16 features (extracted)" in capsys.readouterr().err
+    assert len(list(cache.iterdir())) == 4
+    rep_c = json.loads(out_c.read_text())
+    assert rep_c["settings"]["features"] == "embedding" and rep_c["settings"]["tol"] == 1e-4
 
     assert main(["compare", str(out_a), str(out_b), "--names", "lbfgs", "adamw"]) == 0
     table = capsys.readouterr().out

@@ -40,6 +40,17 @@ def test_grad_checkpointing_changes_nothing(name):
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("name", ["msclip-s-b32-tiny", "clip-b32-tiny"])
+def test_pre_projection_image_features(name):
+    model = msclip.create_model(name)
+    images, _ = batch(name)
+    with torch.no_grad():
+        pre = model.encode_image(images, project=False)
+        emb = model.encode_image(images)
+    assert pre.shape == (3, model.cfg.vision.width) and emb.shape == (3, model.cfg.embed_dim)
+    torch.testing.assert_close(pre @ model.image.proj, emb)  # the embedding is exactly the projected features
+
+
 def test_text_trim_is_exact():
     model = msclip.create_model("msclip-s-b32-tiny")
     tok = msclip.get_tokenizer("msclip-s-b32-tiny")

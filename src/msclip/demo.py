@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if spent:
         print(f"[demo] set-up took {spent / 60:.1f} min of the {args.budget_min:.1f} min budget", flush=True)
     report = run_demo(args.steps, args.out, args.recipes, args.budget_min, spent)
-    print(f"\n[demo] done in {(time.perf_counter() - t0) / 60:.1f} min. Report: {report}")
+    total = f", {(time.time() - args.started_at) / 60:.1f} min with set-up" if args.started_at else ""
+    print(f"\n[demo] done in {(time.perf_counter() - t0) / 60:.1f} min{total}. Report: {report}")
     print(report.read_text().split("\n\n")[2])  # the results table
     return 0
 

@@ -101,9 +101,12 @@ class MSCLIP(nn.Module):
 
         return before_block
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        x = self._image_tokens(images)
-        x = self.image.ln_post(x[:, 0]) @ self.image.proj.to(x.dtype)
+    def encode_image(self, images: torch.Tensor, normalize: bool = False, project: bool = True) -> torch.Tensor:
+        """Image embeddings [B, embed_dim]; ``project=False`` stops before the projection ([B, width]:
+        the features the CLIP paper's linear probes of ViTs use)."""
+        x = self.image.ln_post(self._image_tokens(images)[:, 0])
+        if project:
+            x = x @ self.image.proj.to(x.dtype)
         return F.normalize(x, dim=-1) if normalize else x
 
     @staticmethod

@@ -142,7 +142,7 @@ def probe_clip(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
                test: tuple[torch.Tensor, torch.Tensor], metric: str, multilabel: bool = False,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
                coarse: list[float] | None = None, refine_steps: int = 3, max_iter: int = 1000,
-               patience: int | None = 3) -> dict:
+               patience: int | None = 3, tol: float = 1e-6) -> dict:
     """CLIP-paper protocol: choose C on val (warm-started sweep), refit on train+val, score on test."""
     dev = torch.device(device)
     xs = [t[0].to(dev, dtype) for t in (train, val, test)]
@@ -155,7 +155,7 @@ def probe_clip(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
         for e in exps:
             near = min(solutions, key=lambda k: abs(k - e)) if solutions else None  # warm start
             w, b = fit_logistic(xs[0], ys[0], 10.0 ** e, multilabel, c, max_iter,
-                                solutions[near] if near is not None else None)
+                                solutions[near] if near is not None else None, tol)
             solutions[e] = (w, b)
             out.append(score(metric, xs[1] @ w + b, ys[1]))
         return out
@@ -163,7 +163,7 @@ def probe_clip(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
     t0 = time.perf_counter()
     best, history = search_hparam(evaluate, coarse or CLIP_C_EXPONENTS, refine_steps, patience)
     x_all, y_all = torch.cat([xs[0], xs[1]]), torch.cat([ys[0], ys[1]])
-    w, b = fit_logistic(x_all, y_all, 10.0 ** best, multilabel, c, max_iter, solutions[best])
+    w, b = fit_logistic(x_all, y_all, 10.0 ** best, multilabel, c, max_iter, solutions[best], tol)
     return {"protocol": "clip", "metric": metric, "score": score(metric, xs[2] @ w + b, ys[2]),
             "hparam": {"C": 10.0 ** best}, "val_score": dict(history)[best],
             "search": [{"C": 10.0 ** e, "val": s} for e, s in history], "fit_s": time.perf_counter() - t0}
