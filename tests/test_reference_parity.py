@@ -6,6 +6,9 @@ import torch.nn.functional as F
 from reference_utils import REF_DIR, load_reference_model, recipe_state_dict
 
 TOL = 1e-5
+# Logits scaled by 100 (zero-shot, logits_100) multiply the float32 rounding of the features (about 2e-6 on
+# values of magnitude 3, spec section 14.1) by 100: measured 2.2e-5 here, i.e. cosines equal to 2.2e-7.
+TOL_X100 = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,9 @@ def test_features_and_logits(ref):
     torch.testing.assert_close(out["image_features"], outputs["image_features_normalized"], atol=TOL, rtol=0)
     torch.testing.assert_close(out["text_features"], outputs["text_features_normalized"], atol=TOL, rtol=0)
     logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
-    torch.testing.assert_close(logits, outputs["logits_per_image"], atol=TOL * 20, rtol=0)
+    torch.testing.assert_close(logits, outputs["logits_per_image"], atol=TOL, rtol=0)
     torch.testing.assert_close(100 * out["image_features"] @ out["text_features"].T, outputs["logits_100"],
-                               atol=TOL * 100, rtol=0)
+                               atol=TOL_X100, rtol=0)
     assert model.logit_scale.item() == pytest.approx(outputs["logit_scale"].item())
 
 
@@ -60,7 +63,8 @@ def test_zero_shot_weights_and_logits(ref):
         weights = F.normalize(emb.mean(dim=1), dim=-1).T
         logits = 100 * model.encode_image(inputs["images"], normalize=True) @ weights
     torch.testing.assert_close(weights, outputs["zs_weights"], atol=TOL, rtol=0)
-    torch.testing.assert_close(logits, outputs["zs_logits"], atol=TOL * 100, rtol=0)
+    torch.testing.assert_close(logits, outputs["zs_logits"], atol=TOL_X100, rtol=0)
+    torch.testing.assert_close(logits / 100, outputs["zs_logits"] / 100, atol=1e-6, rtol=0)  # the cosines
 
 
 def test_every_intermediate(ref):
