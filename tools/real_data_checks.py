@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-import msclip
 from msclip.cli import main as msclip_main
+from msclip.eval.zeroshot import write_json_atomic
 
 TUX_ROOT = Path("/usr/share/tuxpaint/stamps")  # where Debian's tuxpaint-stamps-default installs
 RAW_PIXEL_REFERENCE = 83.4  # the raw-pixel figure the linear-probe issue quotes, for context only
@@ -60,7 +60,7 @@ def raw_pixel_probe(limit: int | None, C: float = 1.0) -> dict:
 
     def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = load_fashion_mnist(name)
-        return torch.from_numpy(x[:limit]).flatten(1).double() / 255.0, torch.from_numpy(y[:limit])
+        return torch.tensor(x[:limit]).flatten(1).double() / 255.0, torch.tensor(y[:limit])
 
     (xtr, ytr), (xte, yte) = split("train"), split("test")
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def fmnist_probe(args: argparse.Namespace) -> int:
                      f"{r['n_train']} / {r['n_val']} / {r['n_test']} | {times['features']:.0f} s | "
                      f"{times['probe']:.0f} s |")
     table = "\n".join(lines) + f"\n\n(The issue quotes {RAW_PIXEL_REFERENCE} % for raw-pixel logistic regression.)"
-    (out / "fmnist-probe.json").write_text(json.dumps(rows, indent=1, default=str))
+    write_json_atomic(rows, out / "fmnist-probe.json")
     print(table)
     return 0
 
@@ -169,8 +169,8 @@ def tux_retrieval(args: argparse.Namespace) -> int:
              "| model | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 |", "|---|---:|---:|---:|---:|---:|---:|"]
     for label, rep in [*results.items(), ("chance", {"metrics": chance})]:
         lines.append(f"| {label} | " + " | ".join(f"{rep['metrics'][k]:.1f}" for k in keys) + " |")
-    (out / "tux-retrieval.json").write_text(json.dumps({"chance": chance, **{k: v["metrics"] for k, v in
-                                                                               results.items()}}, indent=1))
+    write_json_atomic({"chance": chance, **{k: v["metrics"] for k, v in results.items()}},
+                      out / "tux-retrieval.json")
     print("\n".join(lines))
     return 0
 

@@ -15,6 +15,7 @@ local features' gradient are lost; use it only to save the backward all-reduce.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _gather_impl() -> Callable[[torch.Tensor], torch.Tensor]:
-    """The autograd all-gather of this torch's functional collectives (concatenates on dim 0).
+@functools.cache
+def _autograd_all_gather() -> Callable:
+    """The autograd all-gather of this torch's functional collectives (looked up once).
 
     Recent torch names it ``all_gather_single_autograd`` (and deprecates the older
     ``all_gather_tensor_autograd``, which is the fallback).
@@ -34,23 +36,14 @@ def _gather_impl() -> Callable[[torch.Tensor], torch.Tensor]:
     fn = getattr(fc, "all_gather_single_autograd", None) or getattr(fc, "all_gather_tensor_autograd", None)
     if fn is None:  # pragma: no cover - every supported torch has one of them
         raise RuntimeError(f"torch {torch.__version__} has no autograd all-gather; msclip needs torch >= 2.11")
-
-    def functional(x: torch.Tensor) -> torch.Tensor:
-        out = fn(x.contiguous(), 0, dist.group.WORLD)
-        # AsyncCollectiveTensor waits lazily; make the result a plain tensor for the matmul.
-        return out.wait() if hasattr(out, "wait") else out
-    return functional
-
-
-_GATHER_WITH_GRAD: Callable[[torch.Tensor], torch.Tensor] | None = None
+    return fn
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather ``x`` over the default group along dim 0; gradients flow back to every rank's slice."""
-    global _GATHER_WITH_GRAD
-    if _GATHER_WITH_GRAD is None:
-        _GATHER_WITH_GRAD = _gather_impl()
-    return _GATHER_WITH_GRAD(x)
+    out = _autograd_all_gather()(x.contiguous(), 0, dist.group.WORLD)
+    # AsyncCollectiveTensor waits lazily; make the result a plain tensor for the matmul.
+    return out.wait() if hasattr(out, "wait") else out
 
 
 def _gather_no_grad(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

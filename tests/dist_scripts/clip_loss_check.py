@@ -6,7 +6,6 @@ mean of rank logit_scale grads == dL/ds; DDP-averaged parameter grads == single-
 """
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import sys
@@ -80,7 +79,6 @@ def ddp_check(rank: int, world: int, local_loss: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    faulthandler.enable()  # a native abort still prints every thread's Python stack to stderr
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results: dict[str, dict[str, float]] = {}
