@@ -1,0 +1,119 @@
+"""Atomic, durable file writes: the one writer for every result, recipe, cache, embedding and checkpoint.
+
+A write goes to a uniquely named temporary file in the destination folder, is flushed and fsynced,
+renamed over the destination, and the folder is fsynced so the rename survives a power cut. On any
+failure the temporary file is removed. The result gets the permissions an ordinary `open()` would give
+(0666 minus the umask), not the 0600 of `tempfile.mkstemp`.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import MsclipError
+
+TMP_PREFIX = ".msclip-tmp-"  # every temporary file this module creates starts with this
+
+
+class WriteError(MsclipError):
+    """A file could not be written; the message names it (and says so when the disk is full)."""
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside `folder` durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _describe(err: BaseException, path: Path) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in text:
+        return f"cannot write {path}: the disk is full (no space left on {path.parent})"
+    # torch.save reports a full disk as a bare C++ stream error with no path
+    if "iostream error" in text or "PytorchStreamWriter" in text:
+        return f"cannot write {path}: {text} (is the disk full? free space on {path.parent})"
+    return f"cannot write {path}: {text}"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` to fill a temporary file, then move it durably over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # the writer may have used its own handle: flush it to disk here
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, MsclipError):
+            raise WriteError(_describe(err, path)) from err
+        raise
+    return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return atomic_write(path, write)
+
+
+def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    return write_bytes(path, text.encode(encoding))
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def numpy_save(path: str | os.PathLike, array: Any) -> Path:
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
+            np.save(f, array)
+    return atomic_write(path, write)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files a killed process left in `folder`; returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
