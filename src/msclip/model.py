@@ -1,9 +1,10 @@
 """MSCLIP: one dual-encoder class for the whole sharing spectrum (CLIP ... MS-CLIP-S).
 
 Data flow:
-  image -> ImageEmbed (patchify or conv stem, +cls, +pos, ln_pre) -> Trunk("image", lateral hook
-        fusing the ParallelBranch before the configured layers) -> ln_post(cls) @ proj
-  tokens -> TextEmbed (token + pos) -> Trunk("text", causal) -> ln_final(EOT token) @ proj
+  image -> ImageTower.embed (patchify or conv stem, +cls, +pos, ln_pre) -> Trunk("image", with the
+        ParallelBranch's lateral hook fusing its stages before the configured layers)
+        -> ImageTower.pool (ln_post of cls) @ proj
+  tokens -> TextTower.embed (token + pos) -> Trunk("text", causal) -> TextTower.pool (ln_final of EOT) @ proj
 """
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from .config import ModelCfg
 from .layers import LayerNorm
 from .parallel import ParallelBranch
 from .stems import ConvStem, PatchEmbed
-from .trunk import Trunk
+from .trunk import BeforeBlockHook, Trunk
 
 # Round trimmed text lengths up to a multiple of this, so compiled graphs see few distinct shapes.
 _TRIM_MULTIPLE = 8
 
 
-class ImageEmbed(nn.Module):
+class ImageTower(nn.Module):
+    """The image-only parts around the trunk: the embedding in front (stem, class token, positions,
+    ln_pre), MS-CLIP-S's parallel branch beside it, and the head behind it (ln_post, proj)."""
+
     def __init__(self, cfg: ModelCfg):
         super().__init__()
         v, d = cfg.vision, cfg.vision.width
@@ -37,12 +41,14 @@ class ImageEmbed(nn.Module):
         self.ln_pre = LayerNorm(d, eps=cfg.norm_eps)
         self.ln_post = LayerNorm(d, eps=cfg.norm_eps)
         self.proj = nn.Parameter(torch.zeros(d, cfg.embed_dim))
-        self.parallel = None
+        self.parallel: ParallelBranch | None = None
         if cfg.parallel is not None:
             self.parallel = ParallelBranch(d, cfg.parallel_strides(), cfg.parallel_t2b_kernels(),
-                                           cfg.norm_eps, cfg.parallel.bottleneck_bn_eps)
+                                           cfg.parallel.lateral_layers, cfg.norm_eps,
+                                           cfg.parallel.bottleneck_bn_eps)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Images -> trunk input tokens [B, 1 + h*w, D] and the token grid (h, w)."""
         x = self.stem(images)
         b, d, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # row-major grid -> [B, h*w, D]
@@ -50,8 +56,18 @@ class ImageEmbed(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x), h, w
 
+    def lateral_hook(self, images: torch.Tensor, h: int, w: int) -> BeforeBlockHook | None:
+        return None if self.parallel is None else self.parallel.lateral_hook(images, h, w)
 
-class TextEmbed(nn.Module):
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Trunk output [B, L, D] -> ln_post of the class token [B, D]."""
+        return self.ln_post(tokens[:, 0])
+
+
+class TextTower(nn.Module):
+    """The text-only parts around the trunk: token and position embeddings in front, ln_final and
+    proj behind."""
+
     def __init__(self, cfg: ModelCfg):
         super().__init__()
         t = cfg.text
@@ -60,9 +76,14 @@ class TextEmbed(nn.Module):
         self.ln_final = LayerNorm(t.width, eps=cfg.norm_eps)
         self.proj = nn.Parameter(torch.zeros(t.width, cfg.embed_dim))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(tokens)
         return x + self.positional_embedding[: tokens.shape[1]].to(x.dtype)
+
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Trunk output [B, L, D] -> ln_final at the EOT (argmax) position [B, D]."""
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return self.ln_final(pooled)
 
 
 class MSCLIP(nn.Module):
@@ -70,8 +91,8 @@ class MSCLIP(nn.Module):
         super().__init__()
         cfg.validate(cfg.name or "config")
         self.cfg = cfg
-        self.image = ImageEmbed(cfg)
-        self.text = TextEmbed(cfg)
+        self.image = ImageTower(cfg)
+        self.text = TextTower(cfg)
         self.trunk = Trunk(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.init_weights()
@@ -80,31 +101,13 @@ class MSCLIP(nn.Module):
     def _image_tokens(self, images: torch.Tensor, collect: dict | None = None,
                       attn_layers: tuple[int, ...] = ()) -> torch.Tensor:
         images = images.to(self.image.positional_embedding.dtype)
-        x, h, w = self.image(images)
-        hook = None
-        if self.image.parallel is not None:
-            hook = self._lateral_hook(images, h, w)
-        return self.trunk(x, "image", hook, collect, attn_layers)
-
-    def _lateral_hook(self, images: torch.Tensor, h: int, w: int):
-        branch = self.image.parallel
-        where = {layer: j for j, layer in enumerate(self.cfg.parallel.lateral_layers)}
-        state = {"feat": images}
-
-        def before_block(layer: int, x: torch.Tensor) -> torch.Tensor:
-            j = where.get(layer)
-            if j is None:
-                return x
-            # Stages run lazily, each right before its adapter; the adapters never modify them.
-            state["feat"] = branch.stages[j](state["feat"])
-            return branch.adapters[j](x, state["feat"], h, w)
-
-        return before_block
+        x, h, w = self.image.embed(images)
+        return self.trunk(x, "image", self.image.lateral_hook(images, h, w), collect, attn_layers)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False, project: bool = True) -> torch.Tensor:
         """Image embeddings [B, embed_dim]; ``project=False`` stops before the projection ([B, width]:
         the features the CLIP paper's linear probes of ViTs use)."""
-        x = self.image.ln_post(self._image_tokens(images)[:, 0])
+        x = self.image.pool(self._image_tokens(images))
         if project:
             x = x @ self.image.proj.to(x.dtype)
         return F.normalize(x, dim=-1) if normalize else x
@@ -119,15 +122,14 @@ class MSCLIP(nn.Module):
 
     def _text_tokens(self, tokens: torch.Tensor, collect: dict | None = None,
                      attn_layers: tuple[int, ...] = ()) -> torch.Tensor:
-        x = self.text(tokens).to(self.text.positional_embedding.dtype)
+        x = self.text.embed(tokens).to(self.text.positional_embedding.dtype)
         return self.trunk(x, "text", None, collect, attn_layers)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         if trim:
             tokens = self.trim_tokens(tokens)
         x = self._text_tokens(tokens)
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        x = self.text.ln_final(pooled) @ self.text.proj.to(x.dtype)
+        x = self.text.pool(x, tokens) @ self.text.proj.to(x.dtype)
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> dict:
@@ -201,13 +203,26 @@ class MSCLIP(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialisation as in the official MS-CLIP code (spec section 8), except the token
-        embedding, which uses std 0.02 as OpenAI CLIP does (the official N(0, 1) is needlessly large)."""
+        """Initialisation as in the official MS-CLIP code, with two exceptions.
+
+        * The token embedding uses std 0.02 as OpenAI CLIP does (the official N(0, 1) is needlessly large).
+        * The convolutional parts of MS-CLIP-S (conv stem, parallel branch, lateral adapters) use
+          He-normal instead of the official std 0.02. With std 0.02 every conv shrinks its input and
+          BatchNorm in eval mode at its initial statistics is the identity, so the stem's output is
+          ~1e-5 of the positional embedding and every image gets the same embedding: on 16 different
+          images the mean pairwise cosine of a random-init msclip-s-b32-tiny is 0.9999999 (stem output
+          std 3e-6 vs positional embedding 0.12). The official code initialises the same way and is
+          collapsed the same way. Init only: loaded checkpoints are unaffected.
+        """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if isinstance(self.image.stem, ConvStem):
+            self.image.stem.init_weights()
+        if self.image.parallel is not None:
+            self.image.parallel.init_weights()
         for block in self.trunk.blocks:
             for lin in block.attn_in.values():
                 nn.init.xavier_uniform_(lin.weight)

@@ -6,10 +6,14 @@ through a 3x3 depthwise conv). Information flows one way, branch -> trunk.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
 from .layers import LayerNorm
+from .stems import he_init_convs
+from .trunk import BeforeBlockHook
 
 
 class FirstStage(nn.Module):
@@ -72,13 +76,50 @@ class LateralAdapter(nn.Module):
 
 
 class ParallelBranch(nn.Module):
-    def __init__(self, width: int, strides: list[int], kernels: list[int], norm_eps: float,
-                 bottleneck_eps: float):
+    """The conv branch plus its adapters. It plugs into the trunk as a before-block hook
+    (`lateral_hook`): stage j runs lazily, right before trunk layer `lateral_layers[j]`, and adapter j
+    replaces the tokens entering that layer."""
+
+    def __init__(self, width: int, strides: list[int], kernels: list[int], lateral_layers: list[int],
+                 norm_eps: float, bottleneck_eps: float):
         super().__init__()
         n = len(strides)
+        if not (len(kernels) == len(lateral_layers) == n):
+            raise ValueError(f"parallel branch: {n} strides, {len(kernels)} kernels, {len(lateral_layers)} layers")
+        if list(lateral_layers) != sorted(set(lateral_layers)):
+            raise ValueError(f"parallel branch: lateral layers must increase, got {lateral_layers}")
+        self.lateral_layers = tuple(lateral_layers)
         channels = [width // 2 ** (n - 1 - j) for j in range(n)]
         self.stages = nn.ModuleList([FirstStage(channels[0], strides[0])])
         for j in range(1, n):
             self.stages.append(BottleneckStage(channels[j - 1], channels[j], strides[j], bottleneck_eps))
         self.adapters = nn.ModuleList(
             LateralAdapter(c, width, k, norm_eps) for c, k in zip(channels, kernels))
+
+    def init_weights(self) -> None:
+        he_init_convs(self)
+
+    def stage_outputs(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """P_0 = stage_0(image), P_j = stage_j(P_{j-1}), computed one at a time as they are drawn."""
+        x = images
+        for stage in self.stages:
+            x = stage(x)
+            yield x
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's feature map at once (for inspection; the model itself uses `lateral_hook`)."""
+        return list(self.stage_outputs(images))
+
+    def lateral_hook(self, images: torch.Tensor, h: int, w: int) -> BeforeBlockHook:
+        """A trunk before-block hook for one forward pass over `images` (token grid h x w)."""
+        stages = self.stage_outputs(images)
+        adapter_at = dict(zip(self.lateral_layers, self.adapters))
+
+        def before_block(layer: int, x: torch.Tensor) -> torch.Tensor:
+            adapter = adapter_at.get(layer)
+            if adapter is None:
+                return x
+            # The trunk visits layers in increasing order, so the next stage is the one this adapter needs.
+            return adapter(x, next(stages), h, w)
+
+        return before_block
