@@ -183,10 +183,35 @@ def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path: Path, monkeypatc
     assert last.name == "step_00000002.pt" and load_train_state(last)["step"] == 2
 
 
-def test_ddp_wrap_on_cpu_has_no_device_ids() -> None:
-    env = D.DistEnv()
-    model = torch.nn.Linear(2, 2)
-    assert D.wrap_ddp(model, env) is model and D.unwrap(model) is model
+def test_ddp_wrap_on_cpu_has_no_device_ids(tmp_path: Path, one_thread: None) -> None:
+    """A real DDP wrapper in a 1-process gloo group: no device_ids on CPU, and accumulated training
+    through it (no_sync on all but the last micro-batch) gives the unwrapped model's gradients."""
+    import torch.distributed as dist
+
+    from msclip.loss import ClipLoss
+    from msclip.train.loop import backward_accumulated
+    from msclip.train.precision import get_precision
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = msclip.create_model(TINY)
+        twin = msclip.create_model(TINY)
+        twin.load_state_dict(model.state_dict())
+        ddp = D.wrap_ddp(model, torch.device("cpu"))
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.device_ids is None
+        g = torch.Generator().manual_seed(0)
+        size = model.cfg.vision.image_size
+        micro = [(torch.randn(2, 3, size, size, generator=g), torch.randint(1, 100, (2, 8), generator=g))
+                 for _ in range(2)]
+        fp32 = get_precision("fp32", torch.device("cpu"))
+        loss = backward_accumulated(ddp, micro, ClipLoss(), fp32, None)
+        ref = backward_accumulated(twin, micro, ClipLoss(), fp32, None)
+        assert torch.isfinite(loss) and torch.equal(loss, ref)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-7), name
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.dist

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from msclip.device import pick_device
+
 
 @dataclass
 class DistEnv:
@@ -37,22 +39,12 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was requested but CUDA is not available; use device=cpu or auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(pref)
-
-
 def init_distributed(device: str = "auto") -> DistEnv:
     """Read torchrun (or SLURM) variables; start the process group when there is more than one process."""
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    dev = resolve_device(device, local_rank)
+    dev = pick_device(device, local_rank)  # under torchrun: GPU local_rank
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
@@ -67,16 +59,11 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
-def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
-    if not env.distributed:
-        return model
-    if env.device.type == "cuda":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[env.device])
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """DDP over the default process group; ``device_ids`` only for a CUDA module."""
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device])
     return nn.parallel.DistributedDataParallel(model)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def barrier(env: DistEnv) -> None:

@@ -1,4 +1,8 @@
-"""The training loop: contrastive-aware gradient accumulation, clipping, non-finite skip/abort, exact resume."""
+"""The training loop: contrastive-aware gradient accumulation, clipping, non-finite skip/abort, exact resume.
+
+``TrainLoop.run`` walks epochs; each epoch yields groups of ``accum_freq`` micro-batches; each group is one
+optimiser step (``train_step``), followed by bookkeeping, logging, checkpointing and evaluation.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -12,12 +16,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from msclip.loss import ClipLoss
+from msclip.model import MSCLIP
 from msclip.train.distributed import DistEnv, all_reduce_max
 from msclip.train.logger import RunLogger
 from msclip.train.precision import Precision
 from msclip.train.state import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images, trimmed tokens) on the device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,19 +45,48 @@ class LoopState:
         return asdict(self)
 
 
-def cut_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Cut the batch to its longest caption: EOT has the largest id, so argmax is the last real position."""
-    longest = int(tokens.argmax(dim=-1).max()) + 1
-    return tokens[:, :longest]
+@dataclass
+class LoopSettings:
+    """The recipe values the loop reads (steps are optimiser steps)."""
+
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int  # samples per optimiser step over all processes
+    accum_freq: int = 1
+    grad_clip_norm: float | None = None
+    logit_scale_max: float | None = None
+    max_nonfinite: int = 5
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # 0: only at the end
+    progress: bool = False
 
 
-def backward_accumulated(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
-                         precision: Precision, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+@dataclass
+class ResumeRng:
+    """RNG states saved with the checkpoint: ``now`` at the save, ``epoch`` at the start of its epoch."""
+
+    now: dict[str, Any] | None = None
+    epoch: dict[str, Any] | None = None
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    ok: bool  # False: non-finite loss or gradient, the update was skipped
+
+
+def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: ClipLoss, precision: Precision,
+                         scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Backward the contrastive loss of all micro-batches together; returns the (detached) loss.
 
     With k > 1 micro-batches a no-grad pass caches every feature first; each micro-batch is then re-run with
-    grad and its fresh features are spliced into the cache, so the loss sees all k x B negatives and the
-    summed gradients equal those of one big batch (open_clip's scheme). DDP syncs only on the last one.
+    grad and its fresh features are spliced into the cache, so each loss sees all k x B negatives and the
+    summed feature gradients equal those of one k x B batch (open_clip's scheme). The temperature multiplies
+    every logit of every one of the k (numerically equal) losses, so it takes its gradient from one of them
+    only, the last: otherwise it would get k times the big batch's. DDP syncs only on the last micro-batch.
+    Exact for models without batch statistics; BatchNorm layers see micro-batches of B.
     """
     def backward(loss: torch.Tensor) -> None:
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -65,95 +102,169 @@ def backward_accumulated(model: nn.Module, micro: list[tuple[torch.Tensor, torch
         cached = [model(i, t) for i, t in micro]
     img_cache = [c["image_features"] for c in cached]
     txt_cache = [c["text_features"] for c in cached]
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     losses = []
     for j, (images, tokens) in enumerate(micro):
         last = j == len(micro) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with model.no_sync() if is_ddp and not last else contextlib.nullcontext():
             with precision.autocast():
                 out = model(images, tokens)
                 imgs = torch.cat(img_cache[:j] + [out["image_features"]] + img_cache[j + 1:])
                 txts = torch.cat(txt_cache[:j] + [out["text_features"]] + txt_cache[j + 1:])
-                loss = loss_fn(imgs, txts, out["logit_scale"])
+                scale = out["logit_scale"] if last else out["logit_scale"].detach()
+                loss = loss_fn(imgs, txts, scale)
             backward(loss)
         losses.append(loss.detach().float())
     return torch.stack(losses).mean()
 
 
 class TrainLoop:
-    def __init__(self, *, model: nn.Module, unwrapped: nn.Module, loader_factory: Callable[[int], Any],
-                 batches_per_epoch: int, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 precision: Precision, scaler: torch.amp.GradScaler | None, env: DistEnv, total_steps: int,
-                 accum_freq: int, grad_clip_norm: float | None, logit_scale_max: float | None,
-                 max_nonfinite: int, global_batch: int, logger: RunLogger, log_every: int, progress: bool,
-                 save_every: int, save_fn: Callable[[LoopState, dict], str], eval_every: int,
+    def __init__(self, *, model: nn.Module, unwrapped: MSCLIP, loss_fn: ClipLoss,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, precision: Precision,
+                 scaler: torch.amp.GradScaler | None, loader_factory: Callable[[int], Any], env: DistEnv,
+                 settings: LoopSettings, logger: RunLogger, save_fn: Callable[[LoopState, dict], str],
                  eval_fn: Callable[[int], dict[str, float] | None] | None, state: LoopState,
-                 resume_rng: dict[str, Any] | None = None, resume_epoch_rng: dict[str, Any] | None = None,
-                 stop_after: int | None = None) -> None:
-        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
-        self.steps_per_epoch = batches_per_epoch // accum_freq
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"an epoch has {batches_per_epoch} batches, fewer than train.accum_freq={accum_freq}")
+                 resume_rng: ResumeRng | None = None, stop_after: int | None = None) -> None:
+        self.model = model  # what forward runs through (DDP-wrapped under torchrun)
+        self.unwrapped = unwrapped  # the MSCLIP itself: clipping, clamping, logging
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.precision = precision
+        self.scaler = scaler
+        self.loader_factory = loader_factory  # epoch -> iterable of (images, tokens)
+        self.env = env
+        self.cfg = settings
+        self.logger = logger
+        self.save_fn = save_fn
+        self.eval_fn = eval_fn
+        self.state = state
+        self.resume_rng = resume_rng or ResumeRng()
+        self.stop_after = stop_after  # end after this many steps without a final checkpoint (tests)
+        self.epoch_rng: dict[str, Any] = {}  # RNG at the start of the current epoch (saved mid-epoch)
         self.last_checkpoint = ""
-        self.history: list[float] = []  # loss per optimiser step (this process's run only)
+        self.history: list[float] = []  # loss per good optimiser step (this invocation only)
+        self._meter_t, self._meter_step, self._data_time = time.perf_counter(), state.step, 0.0
 
     # --- data position -----------------------------------------------------------------------------------
-    def _epoch_iter(self) -> Iterator:
-        """Iterator over this epoch's remaining batches; on resume replays the epoch's RNG and skips ahead."""
-        st = self.state
+    def _epoch_batches(self) -> Iterator[Any]:
+        """This epoch's remaining loader batches; on resume replays the epoch's RNG and skips ahead."""
+        st, rng = self.state, self.resume_rng
         loader = self.loader_factory(st.epoch)
-        if st.batch_in_epoch == 0 or self.resume_epoch_rng is None:
-            if self.resume_rng is not None:  # resumed exactly at an epoch boundary
-                restore_rng(self.resume_rng)
+        if st.batch_in_epoch == 0 or rng.epoch is None:
+            if rng.now is not None:  # resumed exactly at an epoch boundary
+                restore_rng(rng.now)
             self.epoch_rng = capture_rng()
             it = iter(loader)
         else:
-            restore_rng(self.resume_epoch_rng)  # the shuffle order and worker seeds come from here
-            self.epoch_rng = self.resume_epoch_rng
+            restore_rng(rng.epoch)  # the shuffle order and worker seeds come from here
+            self.epoch_rng = rng.epoch
             it = iter(loader)
             for _ in range(st.batch_in_epoch):
                 next(it)
-            restore_rng(self.resume_rng)
-        self.resume_rng = self.resume_epoch_rng = None
-        usable = self.steps_per_epoch * self.accum_freq - st.batch_in_epoch
+            restore_rng(rng.now)
+        self.resume_rng = ResumeRng()
+        usable = self.cfg.steps_per_epoch * self.cfg.accum_freq - st.batch_in_epoch
         return itertools.islice(it, usable)
 
+    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> MicroBatch:
+        images, tokens = batch
+        dev = self.env.device
+        # the one trim of the step; the model's rule (rounded lengths), done before the copy
+        tokens = self.unwrapped.trim_tokens(tokens)
+        return images.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True)
+
+    def _micro_batches(self, batches: Iterator[Any]) -> Iterator[list[MicroBatch]]:
+        """Groups of ``accum_freq`` micro-batches, one per optimiser step."""
+        while True:
+            t0 = time.perf_counter()
+            micro = [self._to_device(b) for b in itertools.islice(batches, self.cfg.accum_freq)]
+            self._data_time += time.perf_counter() - t0
+            if len(micro) < self.cfg.accum_freq:
+                return
+            yield micro
+
     # --- one optimiser step ----------------------------------------------------------------------------
-    def _step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float | None, bool]:
+    def train_step(self, micro: list[MicroBatch]) -> StepResult:
         self.scheduler.step(self.state.step)
         loss = backward_accumulated(self.model, micro, self.loss_fn, self.precision, self.scaler)
         loss_val = float(loss)
+        # every rank takes the same skip decision
         bad = all_reduce_max(0.0 if torch.isfinite(loss) else 1.0, self.env) > 0
         grad_norm = None
-        if not bad and self.grad_clip_norm is not None:
+        if not bad and self.cfg.grad_clip_norm is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), self.grad_clip_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), self.cfg.grad_clip_norm)
             grad_norm = float(norm)
             # with fp16 the scaler itself skips inf-grad steps and lowers its scale; that is not an error
             bad = self.scaler is None and not torch.isfinite(norm)
-        if bad:  # (with a scaler, bad implies no unscale_ happened, so there is nothing to update)
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss_val, grad_norm, False
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        if not bad:  # (with a scaler, bad implies no unscale_ happened, so there is nothing to update)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.logit_scale_max is not None:
+        if not bad and self.cfg.logit_scale_max is not None:
             with torch.no_grad():
-                self.unwrapped.logit_scale.clamp_(0.0, self.logit_scale_max)
-        return loss_val, grad_norm, True
+                self.unwrapped.logit_scale.clamp_(0.0, self.cfg.logit_scale_max)
+        return StepResult(loss_val, grad_norm, not bad)
 
-    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, tokens = batch
-        dev = self.env.device
-        trim = getattr(self.unwrapped, "trim_tokens", cut_tokens)  # the model's rule (rounded lengths)
-        return images.to(dev, non_blocking=True), trim(tokens).to(dev, non_blocking=True)
+    # --- after a step ------------------------------------------------------------------------------------
+    def _advance(self, result: StepResult) -> None:
+        """Count the step and its samples, move the epoch position, handle a skipped step."""
+        st, cfg = self.state, self.cfg
+        st.step += 1
+        st.batch_in_epoch += cfg.accum_freq
+        st.samples_seen += cfg.global_batch
+        if st.batch_in_epoch >= cfg.steps_per_epoch * cfg.accum_freq:
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        if result.ok:
+            st.nonfinite_in_row = 0
+            self.history.append(result.loss)
+            return
+        st.nonfinite_total += 1
+        st.nonfinite_in_row += 1
+        detail = result.loss if result.grad_norm is None else f"loss {result.loss}, grad norm {result.grad_norm}"
+        log.warning("step %d: non-finite loss/gradient (%s); step skipped (%d in a row, %d total)",
+                    st.step, detail, st.nonfinite_in_row, st.nonfinite_total)
+        self.logger.log("nonfinite", st.step, {"loss": result.loss, "nonfinite_total": st.nonfinite_total})
+        if st.nonfinite_in_row >= cfg.max_nonfinite:
+            where = self.last_checkpoint or "none was written yet"
+            raise NonFiniteLossError(
+                f"{st.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite={cfg.max_nonfinite}) "
+                f"at step {st.step}; stopping. Last good checkpoint: {where}. "
+                "Lower optim.lr, set train.grad_clip_norm or use bf16, then --resume latest.")
 
-    def _maybe_eval(self, step: int, force: bool = False) -> None:
-        if self.eval_fn is None or not (force or (self.eval_every > 0 and step % self.eval_every == 0)):
+    def _log_train(self, result: StepResult, bar: tqdm) -> None:
+        st = self.state
+        if st.step % self.cfg.log_every != 0 and st.step != self.cfg.total_steps:
+            return
+        now = time.perf_counter()
+        steps = max(st.step - self._meter_step, 1)
+        sps = (st.step - self._meter_step) * self.cfg.global_batch / max(now - self._meter_t, 1e-9)
+        values = {"loss": result.loss, "logit_scale": float(self.unwrapped.logit_scale.detach().exp()),
+                  "samples_per_s": sps, "data_time": self._data_time / steps, "epoch": st.epoch,
+                  "samples": st.samples_seen, "nonfinite_total": st.nonfinite_total}
+        values.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+        if result.grad_norm is not None:
+            values["grad_norm"] = result.grad_norm
+        self.logger.log("train", st.step, values)
+        bar.set_postfix(loss=f"{result.loss:.4f}", samples_s=f"{sps:.0f}")
+        self._meter_t, self._meter_step, self._data_time = now, st.step, 0.0
+
+    def _maybe_save(self, result: StepResult) -> None:
+        st, every = self.state, self.cfg.save_every
+        done = st.step == self.cfg.total_steps
+        if result.ok and (done or (every > 0 and st.step % every == 0)):
+            # mid-epoch the epoch's starting RNG is needed to replay its shuffle order on resume
+            self.last_checkpoint = self.save_fn(st, self.epoch_rng if st.batch_in_epoch else {})
+
+    def _maybe_eval(self) -> None:
+        step, every = self.state.step, self.cfg.eval_every
+        due = step == self.cfg.total_steps or (every > 0 and step % every == 0)
+        if self.eval_fn is None or not due:
             return
         rng = capture_rng()  # evaluation must not shift the training RNG stream (exact resume)
         metrics = self.eval_fn(step)
@@ -164,65 +275,26 @@ class TrainLoop:
 
     # --- the loop ------------------------------------------------------------------------------------------
     def run(self) -> LoopState:
-        st = self.state
+        st, total = self.state, self.cfg.total_steps
         start_step = st.step
-        bar = tqdm(total=self.total_steps, initial=st.step, disable=not (self.progress and self.env.is_master),
-                   unit="step", dynamic_ncols=True, desc="train")
         self.model.train()
-        t_last, n_last = time.perf_counter(), st.step
-        data_time = 0.0
-        while st.step < self.total_steps:
-            it = self._epoch_iter()
-            while st.step < self.total_steps:
-                t0 = time.perf_counter()
-                micro = [self._to_device(b) for b in itertools.islice(it, self.accum_freq)]
-                data_time += time.perf_counter() - t0
-                if len(micro) < self.accum_freq:
-                    break  # epoch exhausted
-                loss, grad_norm, ok = self._step(micro)
-                st.step += 1
-                st.batch_in_epoch += self.accum_freq
-                st.samples_seen += self.global_batch
-                if st.batch_in_epoch >= self.steps_per_epoch * self.accum_freq:
+        with tqdm(total=total, initial=st.step, disable=not (self.cfg.progress and self.env.is_master),
+                  unit="step", dynamic_ncols=True, desc="train") as bar:
+            while st.step < total:
+                epoch = st.epoch
+                for micro in self._micro_batches(self._epoch_batches()):
+                    result = self.train_step(micro)
+                    self._advance(result)
+                    bar.update(1)
+                    self._log_train(result, bar)
+                    self._maybe_save(result)
+                    self._maybe_eval()
+                    if self.stop_after is not None and st.step - start_step >= self.stop_after:
+                        return st  # simulated interruption (tests)
+                    if st.step >= total:
+                        break
+                if st.step < total and st.epoch == epoch:  # the loader gave fewer batches than it promised
+                    log.warning("epoch %d ended after %d of %d batches; starting the next epoch", epoch,
+                                st.batch_in_epoch, self.cfg.steps_per_epoch * self.cfg.accum_freq)
                     st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                if ok:
-                    st.nonfinite_in_row = 0
-                    self.history.append(loss)
-                else:
-                    st.nonfinite_total += 1
-                    st.nonfinite_in_row += 1
-                    log.warning("step %d: non-finite loss/gradient (%s); step skipped (%d in a row, %d total)",
-                                st.step, loss if grad_norm is None else f"loss {loss}, grad norm {grad_norm}",
-                                st.nonfinite_in_row, st.nonfinite_total)
-                    self.logger.log("nonfinite", st.step, {"loss": loss, "nonfinite_total": st.nonfinite_total})
-                    if st.nonfinite_in_row >= self.max_nonfinite:
-                        bar.close()
-                        where = self.last_checkpoint or "none was written yet"
-                        raise NonFiniteLossError(
-                            f"{st.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite="
-                            f"{self.max_nonfinite}) at step {st.step}; stopping. Last good checkpoint: {where}. "
-                            "Lower optim.lr, set train.grad_clip_norm or use bf16, then --resume latest.")
-                bar.update(1)
-                if st.step % self.log_every == 0 or st.step == self.total_steps:
-                    now = time.perf_counter()
-                    sps = (st.step - n_last) * self.global_batch / max(now - t_last, 1e-9)
-                    values = {"loss": loss, "logit_scale": float(self.unwrapped.logit_scale.detach().exp()),
-                              "samples_per_s": sps, "data_time": data_time / max(st.step - n_last, 1),
-                              "epoch": st.epoch, "samples": st.samples_seen, "nonfinite_total": st.nonfinite_total}
-                    values.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
-                    if grad_norm is not None:
-                        values["grad_norm"] = grad_norm
-                    self.logger.log("train", st.step, values)
-                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:.0f}")
-                    t_last, n_last, data_time = now, st.step, 0.0
-                done = st.step == self.total_steps
-                if ok and (done or (self.save_every > 0 and st.step % self.save_every == 0)):
-                    self.last_checkpoint = self.save_fn(st, self.epoch_rng if st.batch_in_epoch else {})
-                self._maybe_eval(st.step, force=done)
-                if self.stop_after is not None and st.step - start_step >= self.stop_after:
-                    bar.close()
-                    return st  # simulated interruption (tests)
-                if st.batch_in_epoch == 0:
-                    break  # next epoch: fresh iterator
-        bar.close()
         return st

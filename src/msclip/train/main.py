@@ -21,7 +21,9 @@ import torch
 import msclip
 from msclip.train import distributed as D
 from msclip.train.logger import RunLogger
-from msclip.train.loop import LoopState, NonFiniteLossError, TrainLoop
+from msclip.loss import ClipLoss
+from msclip.model import MSCLIP
+from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop
 from msclip.train.optim import build_optimizer
 from msclip.train.precision import get_precision
 from msclip.train.recipe import Recipe, RecipeError, load_recipe, save_recipe
@@ -120,12 +122,74 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> TrainResult:
 
 
 def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, t_start: float) -> TrainResult:
+    run_dir = _prepare_run_dir(recipe, env)
+    model, train_tf, eval_tf, tokenizer = _build_model(recipe, env)
+    data = _data(recipe, train_tf, tokenizer, env)
+    plan = plan_steps(recipe, data.num_batches, env.world_size)
+    optimizer = build_optimizer(model, recipe.optim, plan.global_batch, env.device)
+    scheduler = WarmupCosine(optimizer, total=plan.total, warmup=plan.warmup, cooldown=plan.cooldown,
+                             warmup_lr=recipe.optim.warmup_lr, min_lr=recipe.optim.min_lr,
+                             schedule=recipe.optim.schedule)
+    precision = get_precision(recipe.train.precision, env.device)
+    scaler = precision.make_scaler()
+    state, rng = LoopState(), ResumeRng()
+    ckpt = _find_resume(recipe, run_dir, env)
+    if ckpt:
+        state, rng = _load_resume(ckpt, env, model, optimizer, scheduler, scaler)
+
+    zs = _zeroshot(recipe, eval_tf, tokenizer, env, precision.autocast) if env.is_master else None
+    if env.is_master:
+        log.info("run %s: %s, %d steps (%d per epoch), global batch %d, precision %s, %d process(es); params %s",
+                 run_dir, recipe.model, plan.total, plan.steps_per_epoch, plan.global_batch, precision.name,
+                 env.world_size, model.parameter_counts())
+    logger = RunLogger(run_dir, enabled=env.is_master, tensorboard=recipe.log.tensorboard)
+    saver = CheckpointWriter(run_dir, model, optimizer, scheduler, scaler, env, plan.total,
+                             recipe.checkpoint.keep_last)
+
+    def loader_for_epoch(epoch: int) -> Any:
+        data.set_epoch(epoch)
+        return data.loader
+
+    def evaluate(step: int) -> dict[str, float] | None:
+        metrics = zs(model) if zs is not None else None  # rank 0 only; the others wait at the barrier
+        D.barrier(env)
+        return metrics
+
+    loop = TrainLoop(
+        model=D.wrap_ddp(model, env.device) if env.distributed else model, unwrapped=model,
+        loss_fn=ClipLoss(local_loss=recipe.train.local_loss, gather_with_grad=recipe.train.gather_with_grad,
+                         rank=env.rank, world_size=env.world_size),
+        optimizer=optimizer, scheduler=scheduler, precision=precision, scaler=scaler,
+        loader_factory=loader_for_epoch, env=env, settings=_loop_settings(recipe, plan), logger=logger,
+        save_fn=saver, eval_fn=evaluate if recipe.zeroshot.kind else None, state=state, resume_rng=rng,
+        stop_after=stop_after)
+    try:
+        state = loop.run()
+    finally:
+        logger.close()
+    exported = ""
+    if state.step >= plan.total and recipe.checkpoint.export and env.is_master:
+        exported = str(run_dir / "model.safetensors")
+        msclip.save_pretrained(model, exported)
+    D.barrier(env)
+    return TrainResult(run_dir=run_dir, state=state, total_steps=plan.total, losses=loop.history,
+                       last_checkpoint=loop.last_checkpoint, exported=exported, precision=precision.name,
+                       wall_s=time.perf_counter() - t_start)
+
+
+# --- set-up ---------------------------------------------------------------------------------------------
+
+def _prepare_run_dir(recipe: Recipe, env: D.DistEnv) -> Path:
+    """The run folder, with the resolved recipe in it (rank 0 writes; every rank agrees on the path)."""
     run_dir = _run_dir(recipe, env)
     if env.is_master:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
     D.barrier(env)
+    return run_dir
 
+
+def _build_model(recipe: Recipe, env: D.DistEnv) -> tuple[MSCLIP, Any, Any, Any]:
     seed_everything(recipe.seed)  # identical init on every rank
     model, train_tf, eval_tf = msclip.create_model_and_transforms(recipe.model, pretrained=recipe.pretrained,
                                                                   device=env.device)
@@ -136,107 +200,111 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, t_start: floa
         model.set_grad_checkpointing(True)
     model.train()
     seed_everything(recipe.seed + env.rank)  # per-rank augmentation / dropout streams
+    return model, train_tf, eval_tf, tokenizer
 
-    data = _data(recipe, train_tf, tokenizer, env)
+
+@dataclass
+class StepPlan:
+    """A run's length in optimiser steps (``optim.unit=epochs`` and ``train.epochs`` converted)."""
+
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    cooldown: int
+    global_batch: int
+
+
+def plan_steps(recipe: Recipe, batches_per_epoch: int, world_size: int) -> StepPlan:
+    """Convert epochs to steps: one step takes ``accum_freq`` of this process's ``batches_per_epoch``."""
     accum = recipe.train.accum_freq
-    steps_per_epoch = data.num_batches // accum
+    steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch < 1:
-        raise RecipeError(f"an epoch has {data.num_batches} batches per process, fewer than "
+        raise RecipeError(f"an epoch has {batches_per_epoch} batches per process, fewer than "
                           f"train.accum_freq={accum}; lower data.batch_size or add data")
     total = recipe.train.steps or math.ceil(recipe.train.epochs * steps_per_epoch)
     unit = steps_per_epoch if recipe.optim.unit == "epochs" else 1
-    global_batch = recipe.data.batch_size * accum * env.world_size
+    return StepPlan(steps_per_epoch=steps_per_epoch, total=total, warmup=round(recipe.optim.warmup * unit),
+                    cooldown=round(recipe.optim.cooldown * unit),
+                    global_batch=recipe.data.batch_size * accum * world_size)
 
-    optimizer = build_optimizer(model, recipe.optim, global_batch, env.device)
-    scheduler = WarmupCosine(optimizer, total=total, warmup=round(recipe.optim.warmup * unit),
-                             cooldown=round(recipe.optim.cooldown * unit), warmup_lr=recipe.optim.warmup_lr,
-                             min_lr=recipe.optim.min_lr, schedule=recipe.optim.schedule)
-    precision = get_precision(recipe.train.precision, env.device)
-    scaler = precision.make_scaler()
 
-    state, resume_rng, resume_epoch_rng = LoopState(), None, None
-    ckpt = None
-    if recipe.resume:
-        ckpt = D.broadcast_object(str(resolve_resume(recipe.resume, run_dir) or ""), env) or None
-        if ckpt is None:
-            log.info("resume=latest: no checkpoint in %s yet; starting from scratch", run_dir)
-    if ckpt:
-        saved = load_train_state(ckpt)
-        model.load_state_dict(saved["model"])
-        fresh_lrs = {g["name"]: g["base_lr"] for g in optimizer.param_groups}
-        optimizer.load_state_dict(saved["optimizer"])
-        for g in optimizer.param_groups:  # the recipe's lr wins over the checkpoint's (same on exact resume)
-            g["base_lr"] = fresh_lrs.get(g["name"], g["base_lr"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        state = LoopState(**saved["loop"])
-        rngs = saved["rng"]
-        if len(rngs) == env.world_size:
-            resume_rng, resume_epoch_rng = rngs[env.rank]["rng"], rngs[env.rank]["epoch_rng"] or None
-        else:
-            log.warning("checkpoint was written by %d processes, this run has %d: RNG streams restart",
-                        len(rngs), env.world_size)
-            if state.batch_in_epoch:  # the data split changed too: continue from the next epoch
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
-                 state.batch_in_epoch)
+def _loop_settings(recipe: Recipe, plan: StepPlan) -> LoopSettings:
+    return LoopSettings(
+        total_steps=plan.total, steps_per_epoch=plan.steps_per_epoch, global_batch=plan.global_batch,
+        accum_freq=recipe.train.accum_freq, grad_clip_norm=recipe.train.grad_clip_norm,
+        logit_scale_max=recipe.logit_scale_max, max_nonfinite=recipe.train.max_nonfinite,
+        log_every=recipe.log.every, save_every=recipe.checkpoint.every, eval_every=recipe.zeroshot.every,
+        progress=recipe.log.progress)
 
-    ddp_model = D.wrap_ddp(model, env)
-    from msclip.loss import ClipLoss
 
-    loss_fn = ClipLoss(local_loss=recipe.train.local_loss, gather_with_grad=recipe.train.gather_with_grad,
-                       rank=env.rank, world_size=env.world_size)
-    logger = RunLogger(run_dir, enabled=env.is_master, tensorboard=recipe.log.tensorboard)
-    zs = _zeroshot(recipe, eval_tf, tokenizer, env, precision.autocast) if env.is_master else None
+# --- checkpoints and resume -------------------------------------------------------------------------------
 
-    def eval_fn(step: int) -> dict[str, float] | None:
-        metrics = zs(model) if zs is not None else None
-        D.barrier(env)
-        return metrics
+class CheckpointWriter:
+    """``writer(state, epoch_rng) -> path``: gathers every rank's RNG, rank 0 writes the train state."""
 
-    def save_fn(st: LoopState, epoch_rng: dict) -> str:
-        rngs = _gather_objects({"rng": capture_rng(), "epoch_rng": epoch_rng}, env)
-        path = checkpoint_path(run_dir, st.step)
-        if env.is_master:
+    def __init__(self, run_dir: Path, model: MSCLIP, optimizer: torch.optim.Optimizer, scheduler: WarmupCosine,
+                 scaler: torch.amp.GradScaler | None, env: D.DistEnv, total_steps: int, keep_last: int) -> None:
+        self.run_dir = run_dir
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.env = env
+        self.total_steps = total_steps
+        self.keep_last = keep_last
+
+    def __call__(self, st: LoopState, epoch_rng: dict) -> str:
+        rngs = _gather_objects({"rng": capture_rng(), "epoch_rng": epoch_rng}, self.env)
+        path = checkpoint_path(self.run_dir, st.step)
+        if self.env.is_master:
             save_train_state(path, {
-                "step": st.step, "loop": st.to_dict(), "model": model.state_dict(),
-                "model_config": model.cfg.to_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-                "rng": rngs, "world_size": env.world_size, "total_steps": total,
-            }, keep_last=recipe.checkpoint.keep_last)
+                "step": st.step, "loop": st.to_dict(), "model": self.model.state_dict(),
+                "model_config": self.model.cfg.to_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else {},
+                "rng": rngs, "world_size": self.env.world_size, "total_steps": self.total_steps,
+            }, keep_last=self.keep_last)
         return str(path)
 
-    def loader_factory(epoch: int) -> Any:
-        data.set_epoch(epoch)
-        return data.loader
 
-    if env.is_master:
-        counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
-        log.info("run %s: %s, %d steps (%d per epoch), global batch %d, precision %s, %d process(es); params %s",
-                 run_dir, recipe.model, total, steps_per_epoch, global_batch, precision.name, env.world_size,
-                 counts)
-    loop = TrainLoop(
-        model=ddp_model, unwrapped=model, loader_factory=loader_factory, batches_per_epoch=data.num_batches,
-        loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, precision=precision, scaler=scaler, env=env,
-        total_steps=total, accum_freq=accum, grad_clip_norm=recipe.train.grad_clip_norm,
-        logit_scale_max=recipe.logit_scale_max, max_nonfinite=recipe.train.max_nonfinite,
-        global_batch=global_batch, logger=logger, log_every=recipe.log.every, progress=recipe.log.progress,
-        save_every=recipe.checkpoint.every, save_fn=save_fn, eval_every=recipe.zeroshot.every,
-        eval_fn=eval_fn if recipe.zeroshot.kind else None, state=state, resume_rng=resume_rng,
-        resume_epoch_rng=resume_epoch_rng, stop_after=stop_after)
-    try:
-        state = loop.run()
-    finally:
-        logger.close()
-    exported = ""
-    if state.step >= total and recipe.checkpoint.export and env.is_master:
-        exported = str(run_dir / "model.safetensors")
-        msclip.save_pretrained(model, exported)
-    D.barrier(env)
-    return TrainResult(run_dir=run_dir, state=state, total_steps=total, losses=loop.history,
-                       last_checkpoint=loop.last_checkpoint, exported=exported, precision=precision.name,
-                       wall_s=time.perf_counter() - t_start)
+def _find_resume(recipe: Recipe, run_dir: Path, env: D.DistEnv) -> str | None:
+    if not recipe.resume:
+        return None
+    ckpt = D.broadcast_object(str(resolve_resume(recipe.resume, run_dir) or ""), env) or None
+    if ckpt is None:
+        log.info("resume=latest: no checkpoint in %s yet; starting from scratch", run_dir)
+    return ckpt
+
+
+def _load_resume(ckpt: str, env: D.DistEnv, model: MSCLIP, optimizer: torch.optim.Optimizer,
+                 scheduler: WarmupCosine, scaler: torch.amp.GradScaler | None) -> tuple[LoopState, ResumeRng]:
+    """Load a train state into the fresh objects; the recipe's lr wins over the checkpoint's.
+
+    A checkpoint from another number of processes resumes too: the step and sample counts continue, the
+    RNG streams restart and a partly done epoch is left for the next one (its data split no longer exists).
+    """
+    saved = load_train_state(ckpt)
+    model.load_state_dict(saved["model"])
+    fresh_lrs = {g["name"]: g["base_lr"] for g in optimizer.param_groups}
+    optimizer.load_state_dict(saved["optimizer"])
+    for g in optimizer.param_groups:  # (the same lr on an exact resume)
+        g["base_lr"] = fresh_lrs.get(g["name"], g["base_lr"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    state = LoopState(**saved["loop"])
+    rngs = saved["rng"]
+    rng = ResumeRng()
+    if len(rngs) == env.world_size:
+        rng = ResumeRng(now=rngs[env.rank]["rng"], epoch=rngs[env.rank]["epoch_rng"] or None)
+    else:
+        log.warning("checkpoint was written by %d processes, this run has %d: RNG streams restart",
+                    len(rngs), env.world_size)
+        if state.batch_in_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
+             state.batch_in_epoch)
+    return state, rng
 
 
 def _gather_objects(obj: Any, env: D.DistEnv) -> list[Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msclip.checkpoint import atomic_save
+from msclip.io import torch_save
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 FORMAT_VERSION = 1
@@ -81,7 +81,7 @@ def save_train_state(path: str | Path, state: dict[str, Any], keep_last: int) ->
     """Write ``state`` atomically to ``path`` then prune all but the newest ``keep_last`` (0 = keep all)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"format_version": FORMAT_VERSION, **state}, path)
+    torch_save({"format_version": FORMAT_VERSION, **state}, path)
     if keep_last > 0:
         for _, old in list_checkpoints(path.parent)[:-keep_last]:
             old.unlink(missing_ok=True)
