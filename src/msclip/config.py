@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from .errors import MsclipError
+from .typed_config import from_dict
+
 # Trunk block components that can be shared between the modalities, in block order.
 COMPONENTS = ("ln_1", "attn_in", "attn_out", "ln_2", "mlp")
 COMPONENT_ALIASES = {
@@ -29,7 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
+class ConfigError(MsclipError):
     """A configuration value or key is invalid; the message names it."""
 
 
@@ -105,7 +108,7 @@ class ModelCfg:
     # ----------------------------------------------------------------- (de)serialisation
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelCfg":
-        cfg = _build(cls, data, source)
+        cfg = from_dict(cls, data, source=source, error=ConfigError)  # every unknown / mistyped key at once
         cfg.validate(source)
         return cfg
 
@@ -292,38 +295,3 @@ def _expand_layers(spec: LayerSpec, cfg: ModelCfg, where: str = "share.layers") 
             raise ConfigError(f"{where}: layer {bad[0]} is outside 0..{n - 1}")
         return sorted(set(spec))
     raise ConfigError(f"{where}: expected 'all', a list of layer indices or {{'from': k}}, got {spec!r}")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Instantiate a (nested) dataclass from a dict, rejecting unknown keys."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} in {cls.__name__} "
-                          f"(known: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for key, value in data.items():
-        sub = _NESTED.get((cls.__name__, key))
-        path = f"{where}.{key}"
-        if sub is list and not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list of share rules, got {value!r}")
-        if sub is list:
-            kwargs[key] = [_build(ShareRule, v, f"{path}[{i}]") for i, v in enumerate(value)]
-        elif sub is not None and sub is not list and value is not None:
-            kwargs[key] = _build(sub, value, path)
-        elif key in ("mean", "std", "train_crop_scale") and isinstance(value, list):
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-_NESTED: dict[tuple[str, str], Any] = {
-    ("ModelCfg", "vision"): VisionCfg,
-    ("ModelCfg", "text"): TextCfg,
-    ("ModelCfg", "share"): list,
-    ("ModelCfg", "parallel"): ParallelCfg,
-    ("ModelCfg", "preprocess"): PreprocessCfg,
-}

@@ -1,21 +1,24 @@
 """``build_train_data``: one entry point for every training source."""
 from __future__ import annotations
 
-from .common import CountingLoader, DataInfo, DataSpec, DataStats, Tokenizer, Transform, shared_epoch
+from .common import CountingLoader, DataInfo, DataSpec, DataSpecError, DataStats, Tokenizer, Transform, shared_epoch
 
 SYNTHETIC_DEFAULT_SAMPLES = 512
 
 
-def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: Tokenizer, batch_size: int,
-                     workers: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0) -> DataInfo:
+def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: Tokenizer,
+                     batch_size: int | None = None, workers: int | None = None, rank: int = 0, world_size: int = 1,
+                     seed: int = 0, epoch: int = 0) -> DataInfo:
     """Build the shuffled, sharded training loader of ``(images [B,3,H,W] float, tokens [B,T] long)``.
 
-    ``batch_size`` is per rank; every batch is full. Call ``info.set_epoch(e)`` before each epoch; read
+    ``batch_size`` (per rank) and ``workers`` default to the spec's; every batch is full. Call ``info.set_epoch(e)`` before each epoch; read
     ``info.stats.as_dict()`` for samples seen and skipped (counted in the main process).
     """
     spec.validate()
+    batch_size = spec.batch_size if batch_size is None else batch_size
+    workers = spec.workers if workers is None else workers
     if batch_size < 1 or workers < 0 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad loader settings: batch_size={batch_size}, workers={workers}, "
+        raise DataSpecError(f"bad loader settings: batch_size={batch_size}, workers={workers}, "
                          f"rank={rank}, world_size={world_size}")
     epoch_value = shared_epoch(epoch)
     stats = DataStats()

@@ -1,4 +1,5 @@
-"""Shared pieces of the training data sources: the spec, the result, and skip accounting.
+"""Shared pieces of the training data sources: the spec (also the recipe's ``data`` section), the result,
+and skip accounting.
 
 Skip counts are produced inside DataLoader worker processes, so they cannot live in a shared Python
 object. Every batch carries a small ``counts`` tensor (skips since the previous batch of that worker);
@@ -14,7 +15,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-log = logging.getLogger("msclip.data")
+from msclip.errors import MsclipError
+
+log = logging.getLogger(__name__)
 
 # Order of the entries of the per-batch counts tensor.
 COUNT_FIELDS = ("skipped_decode", "skipped_caption", "dropped_partial", "read_errors")
@@ -24,9 +27,16 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 Transform = Callable[[Any], torch.Tensor]
 
 
+class DataSpecError(MsclipError):
+    """A data spec value is unusable; the message names the field and the value."""
+
+
 @dataclass
 class DataSpec:
-    """Where the training pairs come from (the trainer maps its recipe onto this)."""
+    """Where the training pairs come from and how they are batched: the recipe's ``data`` section.
+
+    ``batch_size`` and ``workers`` are defaults for ``build_train_data`` (its keyword arguments win).
+    """
 
     kind: str = "synthetic"  # webdataset | csv | fashion_mnist | synthetic
     path: str | None = None  # shards (brace pattern, pipe:, '::'-joined) or the csv/tsv file
@@ -40,20 +50,46 @@ class DataSpec:
     fashion_mnist_root: str | None = None  # None: the Debian package location
     split: str = "train"  # fashion_mnist: train | test
     shuffle_buffer: int = 1000  # webdataset sample shuffle buffer; 0 keeps shard order
+    batch_size: int = 32  # per process
+    workers: int = 2  # DataLoader worker processes per process
+
+    def problems(self, prefix: str = "") -> list[str]:
+        """Every unusable value, each naming its field (``prefix`` + name) and value."""
+        out = []
+
+        def bad(name: str, message: str) -> None:
+            out.append(f"{prefix}{name}={getattr(self, name)!r}: {message}")
+
+        if self.kind not in KINDS:
+            bad("kind", f"unknown data kind; expected one of {', '.join(KINDS)}")
+        if self.kind in ("webdataset", "csv") and not self.path:
+            bad("path", f"data kind {self.kind!r} needs a path")
+        if self.resampled and self.kind != "webdataset":
+            bad("resampled", f"only supported for webdataset, not {self.kind!r}")
+        if self.resampled and not self.num_samples:
+            bad("num_samples", "a resampled webdataset needs num_samples (the size of a virtual epoch)")
+        if self.split not in ("train", "test"):
+            bad("split", "unknown split; expected train or test")
+        if self.num_samples is not None and self.num_samples < 1:
+            bad("num_samples", "must be positive (or null)")
+        if self.shuffle_buffer < 0:
+            bad("shuffle_buffer", "must be >= 0 (0 keeps the shard order)")
+        if self.batch_size < 1:
+            bad("batch_size", "must be >= 1")
+        if self.workers < 0:
+            bad("workers", "must be >= 0 (0 loads in the main process)")
+        if self.caption_templates is not None:
+            if not self.caption_templates:
+                bad("caption_templates", "must not be empty (null uses the defaults)")
+            for t in self.caption_templates:
+                if "{}" not in t:
+                    out.append(f"{prefix}caption_templates: template {t!r} has no '{{}}' for the class name")
+        return out
 
     def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"data kind {self.kind!r} is unknown; expected one of {', '.join(KINDS)}")
-        if self.kind in ("webdataset", "csv") and not self.path:
-            raise ValueError(f"data kind {self.kind!r} needs a path")
-        if self.resampled and self.kind != "webdataset":
-            raise ValueError(f"resampled=True is only supported for webdataset, not {self.kind!r}")
-        if self.resampled and not self.num_samples:
-            raise ValueError("resampled webdataset needs num_samples (the size of a virtual epoch)")
-        if self.split not in ("train", "test"):
-            raise ValueError(f"split {self.split!r} is unknown; expected train or test")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
+        problems = self.problems()
+        if problems:
+            raise DataSpecError("; ".join(problems))
 
 
 @dataclass

@@ -5,7 +5,6 @@ zero-shot evaluation on the 10k test images. Nothing is downloaded.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import re
 from pathlib import Path
@@ -14,7 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import Transform, counts_tensor, mix_seed
+from msclip.errors import MissingFileError
+
+from .common import DataSpecError, Transform, counts_tensor, mix_seed
+from .formats import DataFormatError, read_idx
 
 # Where `apt-get install dataset-fashion-mnist` puts the files (see `dpkg -L dataset-fashion-mnist`).
 DEBIAN_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -64,34 +66,27 @@ def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
     return all((base / f).is_file() for pair in _FILES.values() for f in pair)
 
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    found = int.from_bytes(data[:4], "big")
-    if found != magic:
-        raise ValueError(f"{path}: not an IDX file of the expected type (magic {found:#x}, want {magic:#x})")
-    ndim = magic & 0xFF
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated IDX file ({arr.size} values for shape {shape})")
-    return arr.reshape(shape)
+def _read(path: Path, ndim: int) -> np.ndarray:
+    arr = read_idx(path)
+    if arr.ndim != ndim:
+        raise DataFormatError(f"{path}: expected a {ndim}-d IDX array, found shape {list(arr.shape)}")
+    return arr
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(images uint8 [N, 28, 28], labels int64 [N])``; N = 60000 (train) or 10000 (test)."""
     if split not in _FILES:
-        raise ValueError(f"Fashion-MNIST split {split!r} is unknown; expected train or test")
+        raise DataSpecError(f"Fashion-MNIST split {split!r} is unknown; expected train or test")
     base = Path(root) if root else default_root()
     img_name, lbl_name = _FILES[split]
     for name in (img_name, lbl_name):
         if not (base / name).is_file():
-            raise FileNotFoundError(f"Fashion-MNIST file {base / name} not found: {INSTALL_HINT}")
-    images = _read_idx(base / img_name, 0x0803)
-    labels = _read_idx(base / lbl_name, 0x0801).astype(np.int64)
+            raise MissingFileError(f"Fashion-MNIST file {base / name} not found: {INSTALL_HINT}")
+    images = _read(base / img_name, 3)
+    labels = _read(base / lbl_name, 1).astype(np.int64)
     if len(images) != len(labels):
-        raise ValueError(f"{base}: {len(images)} images but {len(labels)} labels for split {split}")
+        raise DataFormatError(f"{base}: {len(images)} images but {len(labels)} labels for split {split}")
     return images, labels
 
 
@@ -105,10 +100,10 @@ class FashionMNISTCaptions(torch.utils.data.Dataset):
         self.transform = transform
         self.templates = list(templates or DEFAULT_CAPTION_TEMPLATES)
         if not self.templates:
-            raise ValueError("caption_templates must not be empty")
+            raise DataSpecError("caption_templates must not be empty")
         for t in self.templates:
             if "{}" not in t:
-                raise ValueError(f"caption template {t!r} has no '{{}}' for the class name")
+                raise DataSpecError(f"caption template {t!r} has no '{{}}' for the class name")
         self.seed = seed
         self.epoch_value = epoch_value
 

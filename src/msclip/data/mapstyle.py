@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .common import SkipLogger, Tokenizer, Transform, counts_tensor, mix_seed
+from msclip.errors import MissingFileError
+
+from .common import DataSpecError, SkipLogger, Tokenizer, Transform, counts_tensor, mix_seed
+from .formats import DataFormatError
 
 MAX_SUBSTITUTIONS = 16  # consecutive unreadable rows tolerated before giving up with an error
 
@@ -29,18 +32,18 @@ class CsvCaptions(Dataset):
                  caption_key: str = "title", separator: str | None = None, image_root: str | None = None) -> None:
         file = Path(path)
         if not file.is_file():
-            raise FileNotFoundError(f"CSV/TSV file not found: {path}")
+            raise MissingFileError(f"CSV/TSV file not found: {path}")
         sep = separator or ("\t" if file.suffix.lower() == ".tsv" else ",")
         with open(file, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=sep)
             header = reader.fieldnames or []
             for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):
                 if key not in header:
-                    raise ValueError(f"{path}: column {key!r} ({what}) not found; columns are {header} "
+                    raise DataFormatError(f"{path}: column {key!r} ({what}) not found; columns are {header} "
                                      f"(separator {sep!r})")
             rows = [(r[image_key] or "", r[caption_key] or "") for r in reader]
         if not rows:
-            raise ValueError(f"{path}: no data rows")
+            raise DataFormatError(f"{path}: no data rows")
         self.root = Path(image_root) if image_root else file.parent
         self.paths = [p for p, _ in rows]
         self.captions = [c for _, c in rows]
@@ -124,7 +127,7 @@ def map_loader(dataset: Dataset, *, tokenizer: Tokenizer, batch_size: int, worke
     sampler.set_epoch(epoch)
     num_batches = len(sampler) // batch_size
     if num_batches < 1:
-        raise ValueError(f"{name}: {len(dataset)} samples cannot fill one batch of {batch_size} on each of "
+        raise DataSpecError(f"{name}: {len(dataset)} samples cannot fill one batch of {batch_size} on each of "
                          f"{world_size} rank(s)")
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=Collate(tokenizer), drop_last=True, persistent_workers=workers > 0,
@@ -135,5 +138,5 @@ def map_loader(dataset: Dataset, *, tokenizer: Tokenizer, batch_size: int, worke
 def csv_dataset(spec: Any, transform: Transform) -> CsvCaptions:
     root = spec.image_root
     if root is not None and not os.path.isdir(root):
-        raise FileNotFoundError(f"image_root not found: {root}")
+        raise MissingFileError(f"image_root not found: {root}")
     return CsvCaptions(spec.path, transform, spec.csv_image_key, spec.csv_caption_key, spec.csv_separator, root)

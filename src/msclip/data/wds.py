@@ -11,7 +11,7 @@ worker's previous batch, and the main-process ``CountingLoader`` sums them.
 from __future__ import annotations
 
 import io
-import json
+import logging
 import math
 import random
 import tarfile
@@ -24,11 +24,12 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from .common import COUNT_FIELDS, SkipLogger, Tokenizer, Transform, counts_tensor, log, mix_seed
+from msclip.errors import MissingFileError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXTS = ("txt", "json")
-JSON_CAPTION_FIELDS = ("caption", "text")
+from .common import COUNT_FIELDS, DataSpecError, SkipLogger, Tokenizer, Transform, counts_tensor, mix_seed
+from .formats import WDS_IMAGE_KEYS, wds_captions
+
+log = logging.getLogger(__name__)
 MAX_EMPTY_PASSES = 3  # passes over a worker's shards without a single batch before giving up
 
 
@@ -41,14 +42,14 @@ def _local_path(url: str) -> Path:
 
 
 def expand_shards(path: str) -> list[str]:
-    """Brace patterns and '::'-joined lists -> URLs; missing local shards raise FileNotFoundError."""
+    """Brace patterns and '::'-joined lists -> URLs; missing local shards raise MissingFileError."""
     urls = wds.shardlists.expand_urls(path)
     if not urls:
-        raise ValueError(f"no shards in {path!r}")
+        raise DataSpecError(f"no shards in {path!r}")
     missing = [u for u in urls if is_local(u) and not _local_path(u).is_file()]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"WebDataset shard not found: {', '.join(missing[:3])}{more}")
+        raise MissingFileError(f"WebDataset shard not found: {', '.join(missing[:3])}{more}")
     return urls
 
 
@@ -56,14 +57,14 @@ def count_samples(urls: list[str]) -> int:
     """Samples (distinct keys with an image file) in local shards, from the tar headers."""
     remote = [u for u in urls if not is_local(u)]
     if remote:
-        raise ValueError(f"num_samples is required for remote/pipe shards such as {remote[0]!r}")
+        raise DataSpecError(f"num_samples is required for remote/pipe shards such as {remote[0]!r}")
     total = 0
     for url in urls:
         keys = set()
         with tarfile.open(_local_path(url)) as tar:
             for member in tar:
                 key, ext = base_plus_ext(member.name)
-                if key is not None and member.isreg() and ext.lower() in IMAGE_EXTS:
+                if key is not None and member.isreg() and ext.lower() in WDS_IMAGE_KEYS:
                     keys.add(key)
         total += len(keys)
     return total
@@ -150,20 +151,6 @@ class _Shuffle:
         yield from buf
 
 
-def _caption(sample: dict) -> str | None:
-    if "txt" in sample:
-        return sample["txt"].decode("utf-8", errors="replace").strip() or None
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError):
-            return None
-        for key in JSON_CAPTION_FIELDS:
-            if isinstance(meta, dict) and isinstance(meta.get(key), str) and meta[key].strip():
-                return meta[key].strip()
-    return None
-
-
 class _Decode:
     """Raw sample -> ``(image tensor, caption)``; samples without caption or decodable image are counted."""
 
@@ -173,11 +160,13 @@ class _Decode:
     def __call__(self, src: Iterator[dict]) -> Iterator[tuple[torch.Tensor, str]]:
         for sample in src:
             where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-            caption = _caption(sample)
-            if caption is None:
-                self.state.skip("skipped_caption", "no caption (.txt, or .json caption/text)", where)
+            captions = wds_captions(sample)
+            if captions.problem is not None:
+                self.state.skip("skipped_caption", f"caption {captions.problem} (.txt, or .json "
+                                "captions/caption/text)", where)
                 continue
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            caption = captions.texts[0]
+            ext = next((e for e in WDS_IMAGE_KEYS if e in sample), None)
             if ext is None:
                 self.state.skip("skipped_decode", "no image file", where)
                 continue
@@ -227,14 +216,14 @@ def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, ba
         per_worker = math.ceil(spec.num_samples / (batch_size * streams))
     else:
         if len(urls) < streams:
-            raise ValueError(f"{spec.path}: {len(urls)} shard(s) for {world_size} rank(s) x {n_workers} "
+            raise DataSpecError(f"{spec.path}: {len(urls)} shard(s) for {world_size} rank(s) x {n_workers} "
                              "worker(s); each needs at least one shard (use more shards, fewer workers, or "
                              "resampled=True)")
         total = spec.num_samples or count_samples(urls)
         per_worker = total // (batch_size * streams)
     if per_worker < 1:
         what = f"num_samples={spec.num_samples}" if spec.num_samples else "the samples in the shards"
-        raise ValueError(f"{spec.path}: {what} cannot give each of {streams} rank x worker streams "
+        raise DataSpecError(f"{spec.path}: {what} cannot give each of {streams} rank x worker streams "
                          f"one batch of {batch_size}")
     state = _WorkerState()
     stages: list[Any] = [_ShardSource(urls, epoch_value, seed, rank, world_size, spec.resampled, state)]
