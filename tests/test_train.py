@@ -15,33 +15,11 @@ from msclip.train import distributed as D
 from msclip.train.loop import NonFiniteLossError
 from msclip.train.main import train
 from msclip.train.optim import group_param_names, param_groups
-from msclip.train.recipe import OptimRecipe, RecipeError, load_recipe, recipe_from_dict
+from msclip.train.recipe import OptimRecipe, RecipeError, load_recipe
 from msclip.train.scheduler import lr_at
 from msclip.train.state import list_checkpoints, load_train_state, resolve_resume, save_train_state
 from torchrun_utils import run_torchrun
-
-TINY = "clip-b32-tiny"
-
-
-def tiny_recipe(tmp_path: Path, name: str, **over: object) -> "msclip.train.Recipe":
-    """Synthetic colour captions (learnable), fp32, no workers: deterministic and fast."""
-    base = {
-        "model": TINY, "name": name, "output_dir": str(tmp_path), "seed": 0,
-        "data": {"kind": "synthetic", "num_samples": 48, "batch_size": 8, "workers": 0},
-        "optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup": 1},
-        # one thread: tiny models gain little from two, and a shared CPU makes two threads thrash
-        "train": {"steps": 4, "precision": "fp32", "deterministic": True, "threads": 1},
-        "checkpoint": {"every": 0, "keep_last": 2},
-        "log": {"every": 1, "progress": False, "tensorboard": False},
-    }
-    for dotted, value in over.items():
-        section, _, key = dotted.partition("__")
-        if key:
-            base.setdefault(section, {})[key] = value
-        else:
-            base[section] = value
-    return recipe_from_dict(base, source="test")
-
+from train_utils import TINY, tiny_recipe
 
 # --- recipes ------------------------------------------------------------------------------------------
 

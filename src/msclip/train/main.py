@@ -13,16 +13,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 import msclip
-from msclip.train import distributed as D
-from msclip.train.logger import RunLogger
 from msclip.loss import ClipLoss
 from msclip.model import MSCLIP
+from msclip.train import distributed as D
+from msclip.train.logger import RunLogger
 from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop
 from msclip.train.optim import build_optimizer
 from msclip.train.precision import get_precision
@@ -30,7 +31,7 @@ from msclip.train.recipe import Recipe, RecipeError, load_recipe, save_recipe
 from msclip.train.scheduler import WarmupCosine
 from msclip.train.state import capture_rng, checkpoint_path, load_train_state, resolve_resume, save_train_state
 
-log = logging.getLogger("msclip.train")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,23 +78,12 @@ def _data(recipe: Recipe, train_tf: Any, tokenizer: Any, env: D.DistEnv) -> Any:
                             workers=d.workers, rank=env.rank, world_size=env.world_size, seed=recipe.seed, epoch=0)
 
 
-def _zeroshot(recipe: Recipe, eval_tf: Any, tokenizer: Any, env: D.DistEnv, autocast: Any) -> Any:
-    from msclip.train import evaluate as E
+def _zeroshot(recipe: Recipe, eval_tf: Any, tokenizer: Any, env: D.DistEnv,
+              autocast: Any) -> Callable[[nn.Module], dict] | None:
+    """eval/'s in-training zero-shot (the classifier and metrics of ``msclip zeroshot``); None when off."""
+    from msclip.eval.in_training import build_zeroshot_evaluator
 
-    z = recipe.zeroshot
-    if z.kind is None:
-        return None
-    if z.kind == "folder":
-        if not z.path:
-            raise RecipeError("zeroshot.kind=folder needs zeroshot.path")
-        ds, classnames = E.folder_eval_set(z.path, eval_tf, z.num_samples)
-        templates = z.templates or list(E.GENERIC_TEMPLATES)
-    else:
-        from msclip.data.fashion_mnist import DEFAULT_CAPTION_TEMPLATES
-
-        ds, classnames = E.fashion_mnist_eval_set(eval_tf, z.num_samples, root=recipe.data.fashion_mnist_root)
-        templates = z.templates or list(DEFAULT_CAPTION_TEMPLATES)
-    return E.ZeroShotEvaluator(ds, classnames, templates, tokenizer, env.device, autocast, z.batch_size)
+    return build_zeroshot_evaluator(recipe, eval_tf, tokenizer, env.device, autocast)
 
 
 def train(recipe: Recipe, *, stop_after: int | None = None) -> TrainResult:
