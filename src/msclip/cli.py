@@ -1,6 +1,9 @@
-"""`msclip` console script: subcommands are the modules in `msclip/commands/`.
+"""`msclip` console script (also `python -m msclip`, e.g. under torchrun): subcommands are the modules in
+`msclip/commands/`, found automatically.
 
-Each command module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
+Each command module defines NAME, HELP, add_arguments(parser) and run(args) -> int. A user error
+(`msclip.errors.MsclipError`, or a missing file) prints `msclip <cmd>: error: <message>` and exits 2; any
+other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -9,9 +12,13 @@ import importlib
 import pkgutil
 import sys
 from types import ModuleType
+from typing import Callable
 
 from . import commands
+from .errors import MsclipError
 from .version import __version__
+
+USER_ERRORS = (MsclipError, FileNotFoundError)
 
 
 def _command_modules() -> list[ModuleType]:
@@ -33,26 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_guarded(command: str, fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command; a user error becomes one `msclip <cmd>: error: ...` line and exit code 2."""
+    try:
+        return int(fn(args) or 0)
+    except USER_ERRORS as err:
+        print(f"msclip {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    try:
-        return int(args._run(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        # Bad input: one clear line instead of a traceback.
-        print(f"msclip {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(args.command, args._run, args)
 
 
 def run_command(module_name: str, argv: list[str] | None = None) -> int:
-    """Entry for `python -m msclip.commands.<module>` (e.g. under torchrun)."""
+    """Entry for `python -m msclip.commands.<module>`; prefer `python -m msclip <command>`."""
     mod = importlib.import_module(f"{commands.__name__}.{module_name}")
     parser = argparse.ArgumentParser(prog=f"msclip {mod.NAME}", description=mod.HELP)
     mod.add_arguments(parser)
-    return int(mod.run(parser.parse_args(argv)) or 0)
+    return run_guarded(mod.NAME, mod.run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

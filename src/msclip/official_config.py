@@ -1,12 +1,15 @@
 """Read model yamls in the official MS-CLIP (yacs) format and translate them into a `ModelCfg`.
 
 Supports BASE merging (paths relative to the yaml, depth first), MODEL.SPEC, TRAIN/TEST image size,
-INPUT mean/std and the CUSTOM switches that the released models use. A key the official defaults do
-not know, or a CUSTOM switch that msclip does not implement, is an error naming the key.
+INPUT mean/std and the CUSTOM switches that the released models use. A key the official code does not
+know is reported as unknown; an official CUSTOM switch that msclip does not implement is accepted only
+with its off value. CUSTOM.LR_SHARE / WD_SHARE are returned for the trainer (`msclip train` uses them
+for the shared parameter groups when the recipe's model is the yaml).
 """
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +33,13 @@ _SPEC_KEYS = {"EMBED_DIM", "GATHER_TENSORS", "VISION", "TEXT", "POOL_TYPE", "SKI
 _VISION_KEYS = {"MODEL", "PATCH_SIZE", "WIDTH", "LAYERS", "DROP_PATH"}
 _TEXT_KEYS = {"TOKENIZER", "STYLE", "CONTEXT_LENGTH", "VOCAB_SIZE", "WIDTH", "HEADS", "LAYERS"}
 _MODEL_NAMES = {"clip_openai", "clip_openai_pe_res_v1"}
-# CUSTOM keys msclip implements (the released MS-CLIP-S configuration space), with code defaults.
+# CUSTOM keys msclip implements (the released MS-CLIP-S configuration space), with the official code's
+# defaults (the value a yaml that omits the key gets). CUSTOM_ATTN selects the official hand-written
+# attention instead of torch's nn.MultiheadAttention: the same algorithm, so both values give msclip's.
+# N_LAYERS: the official default -1 means "share from layer 0", as 0 does.
 _CUSTOM_DEFAULTS: dict[str, Any] = {
-    "CUSTOM_ATTN": False, "SHARE_MODULES": [], "N_LAYERS": 0, "SHARE_BOTTOM_LAYER": False,
-    "LR_SHARE": 0.0, "WD_SHARE": 0.0, "LORA_WHERE_ADD": "v0",
+    "CUSTOM_ATTN": False, "SHARE_MODULES": [], "N_LAYERS": -1, "SHARE_BOTTOM_LAYER": False,
+    "LR_SHARE": 0.0, "WD_SHARE": 0.0,
     "EARLY_CONV": False, "EARLY_CONV_NEW_IMPLEMENT": False, "VISUAL_LAYER_MINUS1": False,
     "EARLY_CONV_RES": False, "EARLY_CONV_RES_FIRSTCONV_KERNEL": 3, "EARLY_CONV_RES_BLOCK": "basic_v0",
     "EARLY_CONV_RES_LAYERS": [1, 1, 1, 1], "EARLY_CONV_RES_STRIDES": [2, 2, 2, 2],
@@ -42,6 +48,33 @@ _CUSTOM_DEFAULTS: dict[str, Any] = {
     "PRALLEL_T2B_KERNELS": [16, 8, 4, 2, 1], "PRALLEL_T2B_PADDINGS": [0, 0, 0, 0, 0],
     "PRALLEL_T2B_STRIDES": [16, 8, 4, 2, 1], "PRALLEL_T2B_USECLS": True,
     "PARALLEL_RESNET": False, "PARALLEL_RESNET_LAYERS": [0, 1, 1, 1, 1],
+}
+# CUSTOM keys the official model code (lib/models/clip_openai_pe_res_v1.py, lib/config/default.py) reads
+# but msclip does not implement (experimental branches no released model uses), with their off values:
+# a yaml may name them only with these values.
+_CUSTOM_OFF: dict[str, Any] = {
+    "ADAPTER_ATTN_DIM": 0, "ADAPTER_FLAG": False, "ADAPTER_LAYERS": [],
+    "CONTAINER_IN_V": False, "CONTAINER_V_KERNEL": 3, "CONTAINER_V_PAD": 1, "CONTAINER_V_STRIDE": 1,
+    "CONVIT_IN_V": False, "CONVIT_LAYERS": [], "CONVIT_LOCAL_STRENGTH": 1,
+    "CVT_IN_V": False, "CVT_INSIDE": False, "CVT_INSIDE_K": False, "CVT_INSIDE_Q": False, "CVT_INSIDE_V": False,
+    "CVT_LAYERS": [], "CVT_V_KERNEL": False, "CVT_V_PAD": False, "CVT_V_RES": False, "CVT_V_STRIDE": False,
+    "TWO_DWC_IN_CVT": False, "THREE_DWC_IN_CVT": False,
+    "GET_GRADIENT_FROMCKPT": False, "SAVE_GRADIENT": False, "LOAD_SEARCHED_ARCH": None,
+    "GUMBEL_SELECT": False, "GUMBEL_ADDTWO": False, "GUMBEL_LR": 0.0,
+    "LORA_OPEN": False, "LORA_ATTN_DIM": 0, "LORA_ATTN_ALPHA": 0, "LORA_DROPOUT": 0, "LORA_R_DROPOUT": 0,
+    "LORA_INIT": False, "LORA_WHERE_ADD": "v0", "LORA_MOE": 0, "LORA_MOE_ACT": "linear", "LORA_MOE_GROUP": 1,
+    "LORA_MOE_LAMBDA": 1.0, "LORA_MOE_SOFTMAX": 0,
+    "VISUAL_LORA_LOCAL": False, "VISUAL_LORA_LOCAL_KERNEL": 3, "VISUAL_LORA_LOCAL_PAD_KV": 1,
+    "VISUAL_LORA_LOCAL_PAD_Q": 1, "VISUAL_LORA_LOCAL_STRIDE_KV": 1, "VISUAL_LORA_LOCAL_STRIDE_Q": 1,
+    "OUTPUT_AFTER_ATTN": False, "OUTPUT_AFTER_ATTN_LN": False, "OUTPUT_ATTN_RAW": False,
+    "OUTPUT_BEFORE_ATTN": False, "OUTPUT_LAST_LN": False,
+    "PARALLEL_B2T": False, "PARALLEL_B2T_BILINEAR": False, "PARALLEL_B2T_CROSSATTN": False,
+    "PARALLEL_B2T_LAYER": [True] * 5, "PARALLEL_B2T_NO_LASTLAYER": False,
+    "PARALLEL_REUSE_EARLYCONV_ALLLAYER": False, "PARALLEL_REUSE_EARLYCONV_FIRSTLAYER": False,
+    "PARALLEL_T2B_POOL_SIZE": False, "PARALLEL_T2B_WINDOWATTN": False,
+    "T2B_WINDOWATTN_RELATIVE_POS": None, "T2B_WINDOWATTN_RELATIVE_POS_NOWD": False,
+    "PRALLEL_T2B_ADD_BN_LN_RELU": False, "PRALLEL_T2B_ADD_BN_RELU": False, "PRALLEL_T2B_NOLN_ADD": False,
+    "PERCEIVER_IN_T": False, "PERCEIVER_IN_V": False, "PERCEIVER_LAYER": [], "PERCEIVER_N_LATENT": 0,
 }
 _SHARE_MODULE_MAP = {"attn.in_proj_weight": "attn_in", "attn.in_proj_bias": "attn_in",
                      "attn.out_proj": "attn_out", "mlp": "mlp", "ln_1": "ln_1", "ln_2": "ln_2"}
@@ -52,8 +85,12 @@ class OfficialConfig:
     model_cfg: ModelCfg
     pretrained_path: str | None  # MODEL.PRETRAINED_MODEL as written (relative to the working directory)
     raw: dict  # merged yaml tree
-    lr_share: float
-    wd_share: float
+    # Shared parameter groups' lr / weight decay (CUSTOM.LR_SHARE / WD_SHARE; lr per GPU, as TRAIN.LR);
+    # None = the yaml does not set them. LR_SHARE 0 also means unset: the official config code treats
+    # it so (it rescales LR_SHARE by the world size only when non-zero) and a zero lr would freeze the
+    # shared layers. A WD_SHARE written in the yaml is used as is, 0 included.
+    lr_share: float | None
+    wd_share: float | None
     source: str
 
 
@@ -120,11 +157,11 @@ def load_official_yaml(path: str | Path) -> OfficialConfig:
     for key, want in (("TOKENIZER", "clip"), ("STYLE", "clip")):
         _require(text.get(key, want) == want, source, f"MODEL.SPEC.TEXT.{key}", text.get(key), repr(want))
 
-    custom = dict(_CUSTOM_DEFAULTS)
-    for key, value in (raw.get("CUSTOM") or {}).items():
-        if key not in _CUSTOM_DEFAULTS:
-            raise ConfigError(f"{source}: CUSTOM.{key} is an official switch that msclip does not implement")
-        custom[key] = value
+    given = raw.get("CUSTOM") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: CUSTOM must be a mapping")
+    _check_custom(given, source)
+    custom = {**_CUSTOM_DEFAULTS, **{k: v for k, v in given.items() if k in _CUSTOM_DEFAULTS}}
     train_size = (raw.get("TRAIN") or {}).get("IMAGE_SIZE", [224, 224])
     input_cfg = raw.get("INPUT") or {}
     width = vision.get("WIDTH", 768)
@@ -151,7 +188,40 @@ def load_official_yaml(path: str | Path) -> OfficialConfig:
     _parallel(custom, cfg, source)
     model_cfg = ModelCfg.from_dict(cfg, source=source)
     return OfficialConfig(model_cfg=model_cfg, pretrained_path=model.get("PRETRAINED_MODEL") or None, raw=raw,
-                          lr_share=float(custom["LR_SHARE"]), wd_share=float(custom["WD_SHARE"]), source=source)
+                          lr_share=_number(given, "LR_SHARE", source, zero_is_unset=True),
+                          wd_share=_number(given, "WD_SHARE", source, zero_is_unset=False), source=source)
+
+
+def _check_custom(given: dict, source: str) -> None:
+    """Every CUSTOM key is implemented, or official and off; all offenders in one error."""
+    problems = []
+    for key, value in given.items():
+        if key in _CUSTOM_DEFAULTS:
+            continue
+        if key in _CUSTOM_OFF:
+            if value != _CUSTOM_OFF[key]:
+                problems.append(f"CUSTOM.{key}={value!r} is an official switch that msclip does not implement "
+                                f"(only its off value {_CUSTOM_OFF[key]!r} is accepted)")
+            continue
+        known = list(_CUSTOM_DEFAULTS) + list(_CUSTOM_OFF)
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"CUSTOM.{key} is unknown: the official code has no such switch{hint}")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _number(given: dict, key: str, source: str, zero_is_unset: bool) -> float | None:
+    value = given.get(key)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: CUSTOM.{key} must be a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{source}: CUSTOM.{key} must be >= 0, got {value!r}")
+    return None if (zero_is_unset and number == 0) else number
 
 
 def _require(ok: bool, source: str, key: str, value: Any, want: str) -> None:
@@ -174,7 +244,7 @@ def _share_rules(custom: dict, source: str) -> list[dict]:
         comps.add(_SHARE_MODULE_MAP[m])
     if ("attn.in_proj_weight" in modules) != ("attn.in_proj_bias" in modules):
         raise ConfigError(f"{source}: CUSTOM.SHARE_MODULES must share attn.in_proj_weight and attn.in_proj_bias together")
-    return [{"components": sorted(comps), "layers": {"from": int(custom["N_LAYERS"])}}]
+    return [{"components": sorted(comps), "layers": {"from": max(0, int(custom["N_LAYERS"]))}}]
 
 
 def _early_conv(custom: dict, cfg: dict, source: str) -> None:

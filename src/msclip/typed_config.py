@@ -305,3 +305,11 @@ def set_dotted(obj: Any, items: list[tuple[str, Any]], *, source: str = "command
     loader.update(copy.deepcopy(obj), nested, "")  # type problems join the path problems above
     _raise(loader, error)
     loader.update(obj, nested, "")
+
+
+def field_type(cls: type, dotted: str) -> Any:
+    """The annotation of the dotted field `dotted` below dataclass `cls` (e.g. `optim.lr` -> float)."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        tp = _hints(tp)[part]
+    return tp

@@ -1,29 +1,28 @@
 """``msclip train --config RECIPE.yaml [overrides]``: every recipe field is an option (``--optim.lr 1e-3``)
-or a positional ``key=value``. Multi-process: ``torchrun --nproc_per_node N -m msclip.train.main ...``."""
+or a positional ``key=value``. Multi-process: ``torchrun --nproc_per_node N -m msclip train ...``."""
 from __future__ import annotations
 
 import argparse
-import typing
+import logging
+import os
+import sys
 
 from msclip.train.recipe import Recipe, field_paths
+from msclip.typed_config import describe_type, field_type
 
 NAME = "train"
-HELP = "pre-train a model from a YAML recipe (one process, or under torchrun)"
+HELP = "pre-train a model from a YAML recipe (one process, or under torchrun -m msclip train)"
 _PREFIX = "ov:"
+EXIT_NONFINITE = 3  # the run stopped on repeated non-finite losses (distinct from a user error's 2)
 
 
 def _metavar(path: str) -> str:
-    obj: typing.Any = Recipe
-    for part in path.split("."):
-        tp = typing.get_type_hints(obj)[part]
-        obj = tp
-    text = str(obj).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace(" | None", "|null").replace("NoneType", "null").upper()
+    return describe_type(field_type(Recipe, path)).upper()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
-                        help="recipe file; fields it omits keep their defaults")
+                        help="recipe file; fields it omits keep their defaults (see docs/training.md)")
     group = parser.add_argument_group("recipe fields (override the file; also accepted as key=value)")
     for path in field_paths():
         group.add_argument(f"--{path}", dest=_PREFIX + path, default=argparse.SUPPRESS, metavar=_metavar(path))
@@ -36,12 +35,23 @@ def collect_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msclip.train.main import run_from_cli
+    from msclip.train import NonFiniteLossError, load_recipe, train
 
-    return run_from_cli(args.config, collect_overrides(args))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe(args.config, collect_overrides(args))  # a RecipeError is printed by msclip.cli
+    try:
+        result = train(recipe)
+    except NonFiniteLossError as err:
+        print(f"msclip train: stopped: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {result.run_dir} ({result.state.step} steps, {result.wall_s:.1f} s)")
+        if result.exported:
+            print(f"weights: {result.exported} (msclip.create_model({recipe.model!r}, pretrained=...))")
+    return 0
 
 
-if __name__ == "__main__":  # torchrun -m msclip.commands.train ...
-    from msclip.cli import run_command
+if __name__ == "__main__":  # kept for old launch lines; the documented module is `-m msclip train`
+    from msclip.cli import main
 
-    raise SystemExit(run_command("train"))
+    raise SystemExit(main(["train", *sys.argv[1:]]))

@@ -1,40 +1,36 @@
 """Training recipes: typed dataclasses, strict YAML loading and dotted command-line overrides.
 
-A recipe is a YAML mapping whose sections mirror the dataclasses below. Unknown fields are errors that
-name the field and the file; overrides such as ``optim.lr=1e-3`` or ``--optim.lr 1e-3`` are parsed and
-type-checked against the field's annotation. The resolved recipe is written to the run folder.
+A recipe is a YAML mapping whose sections mirror the dataclasses below; the ``data`` section is the data
+pipeline's own `msclip.data.DataSpec`. Loading goes through `msclip.typed_config`: every unknown field
+and every mistyped value of a file or of the overrides (``optim.lr=1e-3``, ``--optim.lr 1e-3``) is
+reported in one error. `Recipe.validate` then checks every value (ranges, choices, files) and again
+reports every problem at once, before anything is written. The resolved recipe is saved in the run folder.
+docs/training.md lists every field.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from msclip.data.common import DataSpec
+from msclip.errors import MsclipError
+from msclip.io import write_text
+from msclip.typed_config import field_paths as _typed_field_paths
+from msclip.typed_config import from_dict, set_dotted, update_from_dict
 
-class RecipeError(ValueError):
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "const")
+UNITS = ("steps", "epochs")
+ZEROSHOT_KINDS = (None, "folder", "fashion_mnist")
+_NOUN = "recipe field"
+
+
+class RecipeError(MsclipError):
     """A recipe file or override is invalid (the message names the file, field and value)."""
-
-
-@dataclass
-class DataRecipe:
-    kind: str = "synthetic"  # webdataset | csv | fashion_mnist | synthetic
-    path: str | None = None
-    num_samples: int | None = None
-    resampled: bool = False
-    csv_image_key: str = "filepath"
-    csv_caption_key: str = "title"
-    csv_separator: str | None = None
-    image_root: str | None = None
-    caption_templates: list[str] | None = None
-    fashion_mnist_root: str | None = None
-    batch_size: int = 32  # per process
-    workers: int = 2
 
 
 @dataclass
@@ -90,7 +86,10 @@ class ZeroShotRecipe:
     path: str | None = None
     every: int = 0  # steps; 0 = only at the end
     num_samples: int | None = None
-    templates: list[str] | None = None
+    # null: the kind's default set; a string: a builtin set name or a template file (as `msclip zeroshot
+    # --templates`); a list: the templates themselves (each with a `{}` for the class name)
+    templates: list[str] | str | None = None
+    classnames: str | None = None  # folder: a class-name file (as `msclip zeroshot --classnames`)
     batch_size: int = 256
 
 
@@ -105,7 +104,7 @@ class Recipe:
     resume: str | None = None  # latest | PATH
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    data: DataRecipe = field(default_factory=DataRecipe)
+    data: DataSpec = field(default_factory=DataSpec)
     optim: OptimRecipe = field(default_factory=OptimRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     checkpoint: CheckpointRecipe = field(default_factory=CheckpointRecipe)
@@ -115,143 +114,125 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> None:
-        if (self.train.steps is None) == (self.train.epochs is None):
-            raise RecipeError("exactly one of train.steps and train.epochs must be set")
-        checks = [
-            ("train.precision", self.train.precision, {"auto", "fp32", "bf16", "fp16"}),
-            ("optim.schedule", self.optim.schedule, {"cosine", "const"}),
-            ("optim.unit", self.optim.unit, {"steps", "epochs"}),
-            ("zeroshot.kind", self.zeroshot.kind, {None, "folder", "fashion_mnist"}),
-        ]
-        for key, value, allowed in checks:
+    def problems(self) -> list[str]:
+        """Every unusable value, each as ``field=value: why`` (empty when the recipe is fine)."""
+        out: list[str] = []
+
+        def bad(name: str, value: Any, why: str) -> None:
+            out.append(f"{name}={value!r}: {why}")
+
+        def positive(name: str, value: Any, minimum: float = 0, strict: bool = True, null: bool = False) -> None:
+            if value is None:
+                if not null:
+                    bad(name, value, "must be set")
+            elif (value <= minimum) if strict else (value < minimum):
+                bad(name, value, f"must be {'>' if strict else '>='} {minimum}" + (" or null" if null else ""))
+
+        t, o, c, z = self.train, self.optim, self.checkpoint, self.zeroshot
+        if (t.steps is None) == (t.epochs is None):
+            out.append(f"exactly one of train.steps and train.epochs must be set (got steps={t.steps!r}, "
+                       f"epochs={t.epochs!r})")
+        positive("train.steps", t.steps, null=True)
+        positive("train.epochs", t.epochs, null=True)
+        for name, value, allowed in (("train.precision", t.precision, PRECISIONS),
+                                     ("optim.schedule", o.schedule, SCHEDULES), ("optim.unit", o.unit, UNITS),
+                                     ("zeroshot.kind", z.kind, ZEROSHOT_KINDS)):
             if value not in allowed:
-                raise RecipeError(f"{key}={value!r} is not one of {sorted(map(str, allowed))}")
-        if self.train.accum_freq < 1 or self.data.batch_size < 1:
-            raise RecipeError("train.accum_freq and data.batch_size must be >= 1")
-        if len(self.optim.betas) != 2:
-            raise RecipeError(f"optim.betas needs two values, got {self.optim.betas}")
+                bad(name, value, f"is not one of {', '.join(map(str, allowed)).replace('None', 'null')}")
+        positive("train.accum_freq", t.accum_freq, 1, strict=False)
+        positive("train.grad_clip_norm", t.grad_clip_norm, null=True)
+        positive("train.threads", t.threads, 1, strict=False, null=True)
+        positive("train.max_nonfinite", t.max_nonfinite, 1, strict=False)
+        positive("optim.lr", o.lr, strict=False)
+        positive("optim.lr_shared", o.lr_shared, strict=False, null=True)
+        positive("optim.weight_decay", o.weight_decay, strict=False)
+        positive("optim.weight_decay_shared", o.weight_decay_shared, strict=False, null=True)
+        positive("optim.eps", o.eps)
+        positive("optim.base_batch_size", o.base_batch_size, 1, strict=False)
+        for name in ("warmup", "warmup_lr", "min_lr", "cooldown"):
+            positive(f"optim.{name}", getattr(o, name), strict=False)
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            bad("optim.betas", o.betas, "needs two values in [0, 1)")
+        positive("checkpoint.every", c.every, strict=False)
+        positive("checkpoint.keep_last", c.keep_last, 1, strict=False)
+        positive("log.every", self.log.every)
+        positive("zeroshot.every", z.every, strict=False)
+        positive("zeroshot.batch_size", z.batch_size, 1, strict=False)
+        positive("zeroshot.num_samples", z.num_samples, 1, strict=False, null=True)
+        positive("logit_scale_max", self.logit_scale_max, null=True)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad("device", self.device, "is not one of auto, cpu, cuda, cuda:N")
+        if self.resume == "latest" and not self.name:
+            bad("resume", self.resume, "needs a fixed run name (set name=...) to know which run to continue")
+        elif self.resume not in (None, "latest") and not Path(self.resume).exists():
+            bad("resume", self.resume, "no such checkpoint or run folder")
+        out += self.data.problems(prefix="data.")
+        out += _zeroshot_problems(z)
+        out += _model_problems(self.model)
+        return out
+
+    def validate(self) -> None:
+        """Raise one RecipeError listing every problem of `problems()` (nothing is written before this)."""
+        problems = self.problems()
+        if len(problems) == 1:
+            raise RecipeError(f"recipe: {problems[0]}")
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            raise RecipeError(f"recipe: {len(problems)} problems:\n{lines}")
+
+    def resolve_model_defaults(self) -> None:
+        """Fill what the model file decides: an official model yaml's CUSTOM.LR_SHARE / WD_SHARE set
+        `optim.lr_shared` / `optim.weight_decay_shared` when the recipe leaves them null."""
+        if not str(self.model).endswith((".yaml", ".yml")) or not Path(self.model).is_file():
+            return  # a missing file is reported by validate()
+        from msclip.official_config import load_official_yaml
+
+        official = load_official_yaml(self.model)
+        if self.optim.lr_shared is None and official.lr_share is not None:
+            self.optim.lr_shared = official.lr_share
+        if self.optim.weight_decay_shared is None and official.wd_share is not None:
+            self.optim.weight_decay_shared = official.wd_share
 
 
-# --- type-checked coercion -------------------------------------------------------------------------
+def _zeroshot_problems(z: ZeroShotRecipe) -> list[str]:
+    out = []
+    if z.kind == "folder" and not z.path:
+        out.append("zeroshot.path=None: zeroshot.kind=folder needs a folder of class sub-folders")
+    if z.kind == "folder" and z.path and not Path(z.path).is_dir():
+        out.append(f"zeroshot.path={z.path!r}: no such folder")
+    if z.classnames is not None:
+        if z.kind != "folder":
+            out.append(f"zeroshot.classnames={z.classnames!r}: only used with zeroshot.kind=folder")
+        elif not Path(z.classnames).is_file():
+            out.append(f"zeroshot.classnames={z.classnames!r}: no such file")
+    if isinstance(z.templates, list):
+        if not z.templates:
+            out.append("zeroshot.templates=[]: must not be empty (null uses the default set)")
+        out += [f"zeroshot.templates: template {t!r} has no '{{}}' for the class name"
+                for t in z.templates if "{}" not in t]
+    elif isinstance(z.templates, str) and z.kind is not None:
+        from msclip.eval.templates import load_templates
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Return ``value`` converted to annotation ``tp`` or raise RecipeError naming ``where``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in {"null", "none", "~"}):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except RecipeError as e:
-                errors.append(str(e))
-        raise RecipeError(errors[0] if errors else f"{where}: cannot use {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
-            value = parsed
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise RecipeError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise RecipeError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # PyYAML reads "1e-3" as a string; accept it here
-            except ValueError:
-                pass
-        raise RecipeError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise RecipeError(f"{where}: expected a string, got {value!r}")
-    raise RecipeError(f"{where}: unsupported field type {tp}")
+        try:
+            load_templates(z.templates)
+        except (MsclipError, ValueError) as err:  # unknown set name, missing or bad file
+            out.append(f"zeroshot.templates={z.templates!r}: {err}")
+    return out
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _model_problems(model: str) -> list[str]:
+    from msclip.factory import get_model_config
 
-
-def _unknown(key: str, known: list[str], source: str) -> RecipeError:
-    close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return RecipeError(f"unknown recipe field '{key}' in {source}{hint}; known: {', '.join(known)}")
-
-
-def _apply_mapping(obj: Any, data: dict, source: str, prefix: str = "") -> None:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: '{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {data!r}")
-    hints = _hints(type(obj))
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in hints:
-            raise _unknown(full, list(hints), source)
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _apply_mapping(current, value or {}, source, f"{full}.")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], f"{source}: {full}"))
-
-
-def set_field(recipe: Recipe, dotted: str, value: Any, source: str = "command line") -> None:
-    """Set ``recipe.<dotted>`` after type-checking ``value`` (a string from the CLI or a YAML value)."""
-    obj: Any = recipe
-    parts = dotted.replace("-", "_").split(".")
-    for i, part in enumerate(parts):
-        hints = _hints(type(obj))
-        if part not in hints:
-            raise _unknown(".".join(parts[: i + 1]), list(hints), source)
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(getattr(obj, part)):
-                raise RecipeError(f"{source}: '{dotted}' is a section; set one of its fields")
-            setattr(obj, part, _coerce(value, hints[part], f"{source}: {dotted}"))
-        else:
-            obj = getattr(obj, part)
-            if not dataclasses.is_dataclass(obj):
-                raise RecipeError(f"{source}: '{'.'.join(parts[: i + 1])}' has no sub-fields")
+    try:
+        get_model_config(model)
+    except (MsclipError, ValueError, FileNotFoundError) as err:
+        return [f"model={model!r}: {err}"]
+    return []
 
 
 def field_paths(cls: type = Recipe, prefix: str = "") -> list[str]:
-    """Every settable dotted field name, e.g. ``optim.lr`` (used to build CLI options)."""
-    out = []
-    for f in dataclasses.fields(cls):
-        tp = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += field_paths(tp, f"{prefix}{f.name}.")
-        else:
-            out.append(f"{prefix}{f.name}")
-    return out
+    """Every settable dotted field name, e.g. ``optim.lr`` (used to build CLI options and the docs)."""
+    return _typed_field_paths(cls, prefix)
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
@@ -276,34 +257,51 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def set_field(recipe: Recipe, dotted: str, value: Any, source: str = "command line") -> None:
+    """Set ``recipe.<dotted>`` after type-checking ``value`` (a string from the CLI or a YAML value)."""
+    set_dotted(recipe, [(dotted, value)], source=source, noun=_NOUN, error=RecipeError)
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from e
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Defaults, then the YAML file (strict), then overrides; validated."""
+    """Defaults, then the YAML file (strict), then the overrides; model defaults filled; validated."""
     recipe = Recipe()
+    errors: list[str] = []  # the file's and the command line's problems, reported together
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: invalid YAML: {e}") from e
-        _apply_mapping(recipe, data, str(path))
-    for key, value in parse_overrides(overrides or []):
-        set_field(recipe, key, value)
-    recipe.validate()
-    return recipe
+            update_from_dict(recipe, _read_yaml(Path(path)), source=str(path), noun=_NOUN, error=RecipeError)
+        except RecipeError as err:
+            errors.append(str(err))
+    try:
+        pairs = parse_overrides(overrides or [])
+        if pairs:
+            set_dotted(recipe, pairs, source="command line", noun=_NOUN, error=RecipeError)
+    except RecipeError as err:
+        errors.append(str(err))
+    if errors:
+        raise RecipeError("\n".join(errors))
+    return _finish(recipe)
 
 
 def recipe_from_dict(data: dict, source: str = "dict") -> Recipe:
-    recipe = Recipe()
-    _apply_mapping(recipe, data, source)
+    return _finish(from_dict(Recipe, data, source=source, noun=_NOUN, error=RecipeError))
+
+
+def _finish(recipe: Recipe) -> Recipe:
+    if not recipe.problems():  # a broken model yaml is reported by validate(), with the rest
+        recipe.resolve_model_defaults()
     recipe.validate()
     return recipe
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the resolved recipe as YAML (atomic: temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved recipe as YAML (atomically)."""
+    write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
