@@ -4,7 +4,7 @@ same class names, same 80 templates, same images, same run), fp32 and bf16 weigh
 Both sides run their own full zero-shot path: classifier from class names (tokenise + encode every
 template, average, renormalise) and then score the images (encode_image + 100 * f @ W).
   open_clip: open_clip.build_zero_shot_classifier + encode_image
-  msclip:    msclip.eval.zeroshot.build_classifier + evaluate_loader (what `msclip zeroshot` runs)
+  msclip:    msclip.eval.zeroshot.build_classifier + score_images (what `msclip zeroshot` runs)
 Unit: images/s including the class-embedding time (higher is better). Images are decoded and
 preprocessed once beforehand (identical for both), so decoding does not dilute the comparison.
 The workload keeps ImageNet's ratio of prompts to images (1000 x 80 / 50,000 = 1.6).
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import device_from_env, print_table, sync  # noqa: E402
 
 import msclip  # noqa: E402
-from msclip.eval.imagefolder import Batch  # noqa: E402
-from msclip.eval.zeroshot import build_classifier, evaluate_loader  # noqa: E402
+from msclip.eval.features import SafeDataset  # noqa: E402
+from msclip.eval.zeroshot import build_classifier, score_images  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "horse")
 
@@ -69,9 +69,8 @@ def run_open_clip(model, tokenizer, classnames, templates, images, batch, device
 
 def run_msclip(model, tokenizer, classnames, templates, images, batch, device) -> torch.Tensor:
     W = build_classifier(model, tokenizer, classnames, templates, device, text_batch_size=256)
-    batches = [Batch(images[s:s + batch], torch.zeros(len(images[s:s + batch]), dtype=torch.long),
-                     torch.arange(s, s + len(images[s:s + batch]))) for s in range(0, len(images), batch)]
-    evaluate_loader(model, W, batches, device, len(classnames), [""] * len(images))
+    pairs = [(images[i], 0) for i in range(len(images))]  # already transformed: the identity transform
+    score_images(model, W, SafeDataset(pairs, lambda x: x), device, batch_size=batch)
     return W
 
 

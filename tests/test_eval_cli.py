@@ -101,25 +101,70 @@ def test_retrieval_on_rendered_emoji(tmp_path, capsys):
     rep = json.loads(out.read_text())
     assert (rep["images"], rep["captions"], rep["skipped_images"], rep["dropped_captions"]) == (12, 24, 1, 1)
     m = rep["metrics"]
-    assert m["image_to_text_R@10"] >= m["image_to_text_R@5"] >= m["image_to_text_R@1"] >= 0
-    assert 0 <= m["text_to_image_R@1"] <= 100
+    assert m["image_to_text_R@10_pct"] >= m["image_to_text_R@5_pct"] >= m["image_to_text_R@1_pct"] >= 0
+    assert 0 <= m["text_to_image_R@1_pct"] <= 100
     assert "image→text" in capsys.readouterr().out
 
 
-def test_analyze_writes_nmi_gap_and_pngs(tmp_path):
-    _colors(tmp_path / "imgs", n_train=3, n_test=0)
+CAPTIONS = ["a red square", "a blue square", "a photo of a cat", "red", "blue", "a dog", "a red dot",
+            "the sky", "an apple", "a car"]
+
+
+def test_analyze_writes_report_nmi_gap_and_pngs(tmp_path, capsys, monkeypatch):
+    _colors(tmp_path / "imgs", n_train=5, n_test=0)  # 10 images + one corrupt PNG
     texts = tmp_path / "texts.txt"
-    texts.write_text("a red square\na blue square\na photo of a cat\nred\n")
+    texts.write_text("\n".join(CAPTIONS[:5] + ["", "  "] + CAPTIONS[5:]) + "\n")
     out = tmp_path / "an"
+    import msclip
+
+    passes = {"intermediates": 0, "encode_image": 0}
+    real_fi, real_ei = msclip.MSCLIP.forward_intermediates, msclip.MSCLIP.encode_image
+
+    def counting_fi(self, images=None, tokens=None, **kw):
+        passes["intermediates"] += 0 if images is None else len(images)
+        return real_fi(self, images=images, tokens=tokens, **kw)
+
+    def counting_ei(self, images, *a, **kw):
+        passes["encode_image"] += len(images)
+        return real_ei(self, images, *a, **kw)
+
+    monkeypatch.setattr(msclip.MSCLIP, "forward_intermediates", counting_fi)
+    monkeypatch.setattr(msclip.MSCLIP, "encode_image", counting_ei)
     rc = main(["analyze"] + COMMON + ["--images", str(tmp_path / "imgs"), "--texts", str(texts),
                                       "--output-dir", str(out), "--attn-layers", "0", "5", "--attn-heads", "0",
                                       "--attn-samples", "1"])
     assert rc == 0
+    assert passes == {"intermediates": 10, "encode_image": 10}  # each image through the model once per path
+    err = capsys.readouterr().err
+    assert "corrupt.png" in err and "blank caption line(s)" in err and "6, 7" in err
     rep = json.loads((out / "analysis.json").read_text())
-    assert rep["images"] == 6 and rep["texts"] == 4 and rep["skipped_images"] == 1  # the corrupt PNG
+    assert rep["images"] == 10 and rep["texts"] == 10 and rep["skipped_images"] == 1  # the corrupt PNG
+    assert rep["blank_caption_lines"] == [6, 7]
     assert rep["modality_gap"] > 0 and [r["layer"] for r in rep["layers"]] == list(range(6))
     assert all(0.0 <= r["nmi"] <= 1.0 for r in rep["layers"])
     assert sorted(Path(p).name for p in rep["attention_pngs"]) == [
         "image000_layer00.png", "image000_layer05.png", "text000_layer00.png", "text000_layer05.png"]
     pooled = torch.load(out / "pooled_hidden.pt", weights_only=True)
-    assert pooled["image_pooled"].shape[:2] == (6, 6) and pooled["text_pooled"].shape[:2] == (6, 4)
+    assert pooled["image_pooled"].shape[:2] == (6, 10) and pooled["text_pooled"].shape[:2] == (6, 10)
+    md = (out / "report.md").read_text()
+    for png in ("nmi.png", "gap.png", "attention/image000_layer00.png", "attention/text000_layer05.png"):
+        assert f"]({png})" in md and (out / png).is_file()
+    assert "corrupt.png" in md
+
+
+def test_analyze_refuses_too_few_samples(tmp_path, capsys):
+    _colors(tmp_path / "imgs", n_train=5, n_test=0)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(CAPTIONS[:9]) + "\n")
+    out = tmp_path / "an"
+    assert main(["analyze"] + COMMON + ["--images", str(tmp_path / "imgs"), "--texts", str(texts),
+                                        "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "at least 10 images and 10 captions" in err and "given: 11 images and 9 captions" in err  # 10 + the corrupt PNG
+    assert not out.exists()
+    # enough files, but one image unreadable: 9 readable images are refused after the pass
+    texts.write_text("\n".join(CAPTIONS) + "\n")
+    (tmp_path / "imgs" / "train" / "red" / "0.png").write_bytes(b"garbage")
+    assert main(["analyze"] + COMMON + ["--images", str(tmp_path / "imgs"), "--texts", str(texts),
+                                        "--output-dir", str(out)]) == 2
+    assert "readable: 9 images and 10 captions" in capsys.readouterr().err

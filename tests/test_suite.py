@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from msclip.eval import suite as S
-from msclip.eval.features import SafeDataset, cache_key, cached, extract
+from msclip.eval.features import SafeDataset, cache_key, cached, extract_image_features
 from msclip.eval.linear_probe import run_probe
 
 COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255)}
@@ -100,13 +100,15 @@ def test_pool_dataset_is_split_per_class(tmp_path):
 def test_missing_dataset_is_reported_and_the_suite_continues(tmp_path):
     _folder(tmp_path / "data" / "good", "train")
     _folder(tmp_path / "data" / "good", "test", 3)
-    Image.new("RGB", (6, 6)).save(tmp_path / "data" / "good" / "test" / "red" / "0.png")  # still valid
+    # a re-saved valid image (black would sit between the classes and make the score depend on the noise draws)
+    Image.new("RGB", (6, 6), COLORS["red"]).save(tmp_path / "data" / "good" / "test" / "red" / "0.png")
     (tmp_path / "data" / "good" / "test" / "red" / "bad.png").write_bytes(b"not an image")
     _folder(tmp_path / "data" / "broken", "train")  # train but no test split: reported missing too
     entries = [(S.get_spec(n), S.find_root(S.get_spec(n), tmp_path / "data")) for n in ("good", "cifar10", "broken")]
 
     def featurize(spec, root, role, ds):
-        return extract(_encode, SafeDataset(ds, _to_tensor), torch.device("cpu"), batch_size=4, progress=False)
+        return extract_image_features(_encode, SafeDataset(ds, _to_tensor), torch.device("cpu"), batch_size=4,
+                                      progress=False)
 
     def probe(**kw):
         return run_probe(protocol="clip", **kw)

@@ -10,11 +10,12 @@ from PIL import Image, ImageFile
 
 import msclip
 from msclip.commands import zeroshot as zs_cmd
-from msclip.eval.imagefolder import (DataError, SafeImageDataset, collate_skip, load_rgb, resolve_classnames,
+from msclip.errors import MsclipError
+from msclip.eval.features import collate_skip, encode_tokens
+from msclip.eval.imagefolder import (DataError, folder_classnames, folder_dataset, load_rgb, resolve_classnames,
                                      scan_image_folder)
-from msclip.eval.templates import TemplateError, imagenet_classnames, load_templates
-from msclip.eval.zeroshot import (ZeroShotMetrics, build_classifier, classifier_from_tokens, encode_texts,
-                                  zeroshot_logits)
+from msclip.eval.templates import TemplateError, fill_template, imagenet_classnames, load_templates
+from msclip.eval.zeroshot import build_classifier, classifier_from_tokens, zeroshot_logits, zeroshot_metrics
 
 from image_folder_utils import make_photo_folder
 from reference_utils import load_reference_model
@@ -57,31 +58,36 @@ def test_text_trim_changes_no_output(reference):
         for t in cases:
             assert model.trim_tokens(t).shape[1] < t.shape[1]  # the cut really happens
             torch.testing.assert_close(model.encode_text(t), model.encode_text(t, trim=False), atol=1e-5, rtol=0)
-        # Length-sorted batching (encode_texts) returns rows in input order, equal to one plain call.
+        # Length-sorted batching (encode_tokens) returns rows in input order, equal to one plain call.
         plain = model.encode_text(toks, normalize=True, trim=False)
     for bs in (1, 2, 5):
-        torch.testing.assert_close(encode_texts(model, toks, "cpu", batch_size=bs), plain, atol=1e-5, rtol=0)
+        torch.testing.assert_close(encode_tokens(model, toks, "cpu", batch_size=bs), plain, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- metrics
 def test_metrics_by_hand():
-    m = ZeroShotMetrics(6)
     logits = torch.tensor([
         [9, 1, 0, 0, 0, 0],  # label 0: top-1 hit
         [1, 9, 8, 7, 6, 5],  # label 5: miss at top-1, hit at top-5 (rank 5)
         [0, 9, 8, 7, 6, 5],  # label 0: miss at top-5 (rank 6)
         [0, 0, 9, 0, 0, 0],  # label 2: hit
     ], dtype=torch.float)
-    m.update(logits[:2], torch.tensor([0, 5]))
-    m.update(logits[2:], torch.tensor([0, 2]))
-    r = m.compute(["a", "b", "c", "d", "e", "f"], ["A", "B", "C", "D", "E", "F"])
-    assert r["top1"] == pytest.approx(50.0) and r["top5"] == pytest.approx(75.0) and r["images_scored"] == 4
+    r = zeroshot_metrics(logits, torch.tensor([0, 5, 0, 2]), 6)
+    assert r["top1_pct"] == 50.0 and r["top5_pct"] == 75.0 and r["images"] == 4 and r["top5_k"] == 5
     # per-class recall: class 0 1/2, class 2 1/1, class 5 0/1 (classes without images are left out)
-    assert r["mean_per_class_recall"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
-    pc = {c["folder"]: c for c in r["per_class"]}
-    assert pc["a"]["images"] == 2 and pc["a"]["accuracy"] == pytest.approx(50.0) and pc["a"]["name"] == "A"
-    assert pc["b"]["images"] == 0 and pc["b"]["accuracy"] is None
-    assert ZeroShotMetrics(3).k5 == 3  # fewer than 5 classes: top-k uses every class
+    assert r["mean_per_class_recall_pct"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
+    pc = r["per_class"]
+    assert pc[0]["images"] == 2 and pc[0]["correct"] == 1 and pc[0]["recall_pct"] == 50.0
+    assert pc[1]["images"] == 0 and pc[1]["recall_pct"] is None
+    assert zeroshot_metrics(logits[:, :3], torch.tensor([0, 1, 0, 2]), 3)["top5_k"] == 3  # top-k over every class
+    assert zeroshot_metrics(torch.eye(3), torch.tensor([0, 1, 2]), 3)["top1_pct"] == 100.0  # exact, not float32
+
+
+def test_prompt_filling_fixes_the_article():
+    assert fill_template("a photo of a {}.", "ankle boot") == "a photo of an ankle boot."
+    assert fill_template("a photo of a {}.", "bag") == "a photo of a bag."
+    assert fill_template("{} in the wild", "apple") == "apple in the wild"
+    assert load_templates("generic").format("owl")[0] == "a photo of an owl."
 
 
 # ----------------------------------------------------------------------------- templates and names
@@ -109,6 +115,11 @@ def test_class_name_resolution(tmp_path):
     assert src == "imagenet-1k" and names == imagenet_classnames()
     assert resolve_classnames(["golden_retriever", "tabby"]) == (["golden retriever", "tabby"], "folder-names")
     assert resolve_classnames(wnids[:5])[1] == "folder-names"  # not the full 1000: no guessing
+    # <index>_<name> folders (as MNIST-style exports name them): the index is not part of the name
+    assert folder_classnames(["0_zero", "3_three", "9_ankle boot"]) == ["zero", "three", "ankle boot"]
+    assert folder_classnames(["0_t_shirt", "10_bag"]) == ["t shirt", "bag"]
+    assert folder_classnames(["3_three", "cat"]) == ["3 three", "cat"]  # mixed layouts are left as they are
+    assert folder_classnames(["7up", "3"]) == ["7up", "3"]
     lines = tmp_path / "names.txt"
     lines.write_text("dog\ncat\n\n")
     assert resolve_classnames(["a", "b"], str(lines))[0] == ["dog", "cat"]
@@ -134,7 +145,7 @@ def test_folder_scan_bad_images_and_truncation(tmp_path):
         Image.open(trunc).convert("RGB")
     assert load_rgb(trunc).size == Image.open(written["images"][2]).size
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # the switch is not left on globally
-    ds = SafeImageDataset.from_index(index, lambda im: torch.zeros(3, 4, 4))
+    ds = folder_dataset(index, lambda im: torch.zeros(3, 4, 4))
     batch = collate_skip([ds[i] for i in range(len(ds))])
     bad = [index.samples[i][0] for i, _ in batch.failures]
     assert bad == [str(written["corrupt"][0])] and batch.failures[0][1]
@@ -160,15 +171,15 @@ def test_cli_report_on_photos(tmp_path, capsys):
     assert rep["data"]["classes"] == 5 and rep["data"]["class_names_source"] == "folder-names"
     assert [c["name"] for c in rep["per_class"]][:3] == ["astronaut", "camera man", "cat"]
     assert sum(c["images"] for c in rep["per_class"]) == 11
-    for key in ("top1", "top5", "mean_per_class_recall"):
+    for key in ("top1_pct", "top5_pct", "mean_per_class_recall_pct"):
         assert 0.0 <= rep[key] <= 100.0
-    assert rep["top5"] == 100.0 and rep["top5_k"] == 5  # 5 classes: every class is in the top 5
+    assert rep["top5_pct"] == 100.0 and rep["top5_k"] == 5  # 5 classes: every class is in the top 5
     assert rep["templates"]["name"] == "simple" and rep["templates"]["count"] == 7
     assert rep["model"]["spec"] == "clip-b32-tiny" and rep["random_weights"] and rep["checkpoint"] is None
     assert rep["timing"]["images_per_second"] > 0 and rep["precision"] == "fp32"
     stdout = capsys.readouterr().out
     assert "top-1" in stdout and "broken.png" in stdout and "camera man" in stdout
-    assert not list(out.parent.glob(".tmp-*"))  # atomic write left no temp file
+    assert [f.name for f in out.parent.iterdir()] == ["result.json"]  # the atomic write left no temp file
 
 
 def test_cli_imagenet_folder_and_checkpoint(tmp_path):

@@ -52,41 +52,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from msclip.commands import zeroshot
-
-    data, ds_name = dataset_folder(args.ds)
-    output = args.output or os.path.join("OUTPUT", Path(args.model).stem, f"zeroshot_{ds_name}.json")
-    cmd = ["--model", args.model, "--data", data, "--templates", "imagenet80", "--batch-size", str(args.batch_size),
-           "--workers", str(args.workers), "--precision", args.precision, "--output", output]
-    if args.device:
-        cmd += ["--device", args.device]
-    if args.pretrained:
-        cmd += ["--pretrained", args.pretrained]
-    if args.no_progress:
-        cmd.append("--no-progress")
     if not args.model.endswith((".yaml", ".yml")):
         print(f"eval_zeroshot: error: --model {args.model!r} is not a yaml file", file=sys.stderr)
         return 2
-    sub = argparse.ArgumentParser(prog="eval_zeroshot")
-    zeroshot.add_arguments(sub)
-    zargs = sub.parse_args(cmd)
+    import msclip
+    from msclip import io as mio
+    from msclip.device import pick_device
+    from msclip.errors import MsclipError
+    from msclip.eval.loading import load_model, resolve_checkpoint
+    from msclip.eval.zeroshot_report import folder_report, format_report, plan_folder
+
+    data, ds_name = dataset_folder(args.ds)
+    output = args.output or os.path.join("OUTPUT", Path(args.model).stem, f"zeroshot_{ds_name}.json")
     try:
-        plan = zeroshot.prepare(zargs)
-        if plan.checkpoint is None:
-            raise zeroshot.UsageError(f"{args.model} sets no MODEL.PRETRAINED_MODEL; pass --pretrained")
-        model = zeroshot.load_model(args.model, plan.checkpoint, plan.device, args.precision)
-    except (ValueError, FileNotFoundError) as e:  # UsageError / DataError / TemplateError are ValueErrors
+        device = pick_device(args.device or "auto")
+        checkpoint = resolve_checkpoint(args.model, args.pretrained)
+        if checkpoint is None:
+            raise MsclipError(f"{args.model} sets no MODEL.PRETRAINED_MODEL; pass --pretrained")
+        plan = plan_folder(data, None, "imagenet80")
+        model = load_model(args.model, checkpoint, device, args.precision)
+    except MsclipError as e:
         print(f"eval_zeroshot: error: {e}", file=sys.stderr)
         return 2
     if plan.names_source != "imagenet-1k":
         print(f"warning: {data} is not a 1000-class ImageNet folder; class names are the folder names",
               file=sys.stderr)
-    report = zeroshot.evaluate(zargs, plan, model)
-    from msclip.eval.zeroshot import write_json_atomic
-
-    write_json_atomic(report, output)
-    print(zeroshot.format_table(report))
-    top1 = report["top1"] if report["top1"] is not None else 0.0
+    report = folder_report(model, msclip.get_tokenizer(model.cfg), plan, device, model_spec=args.model,
+                           checkpoint=checkpoint, precision=args.precision, batch_size=args.batch_size,
+                           workers=args.workers, progress=False if args.no_progress else None)
+    mio.write_json(output, report)
+    print(format_report(report))
+    top1 = report["top1_pct"]
     # The official script's summary line.
     print(f"=> TEST: Error@1 {100.0 - top1:.3f}% accuracy@1 {top1:.3f}%")
     print(f"report: {output}")

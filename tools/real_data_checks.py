@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from msclip.cli import main as msclip_main
-from msclip.eval.zeroshot import write_json_atomic
+from msclip import io as mio
 
 TUX_ROOT = Path("/usr/share/tuxpaint/stamps")  # where Debian's tuxpaint-stamps-default installs
 RAW_PIXEL_REFERENCE = 83.4  # the raw-pixel figure the linear-probe issue quotes, for context only
@@ -92,7 +92,7 @@ def fmnist_probe(args: argparse.Namespace) -> int:
                      f"{r['n_train']} / {r['n_val']} / {r['n_test']} | {times['features']:.0f} s | "
                      f"{times['probe']:.0f} s |")
     table = "\n".join(lines) + f"\n\n(The issue quotes {RAW_PIXEL_REFERENCE} % for raw-pixel logistic regression.)"
-    write_json_atomic(rows, out / "fmnist-probe.json")
+    mio.write_json(out / "fmnist-probe.json", rows)
     print(table)
     return 0
 
@@ -161,16 +161,15 @@ def tux_retrieval(args: argparse.Namespace) -> int:
             results[f"{model} {label}"] = json.loads(res_file.read_text())
     n_img = next(iter(results.values()))["images"]
     n_cap = next(iter(results.values()))["captions"]
-    chance = {f"{d}_R@{k}": 100 * k / n for d, n in (("image_to_text", n_cap), ("text_to_image", n_img))
+    chance = {f"{d}_R@{k}_pct": 100 * k / n for d, n in (("image_to_text", n_cap), ("text_to_image", n_img))
               for k in (1, 5, 10)}
-    keys = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+    keys = [f"{d}_R@{k}_pct" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
     lines = [f"Held-out Tux Paint stamps: {n_img} images, {n_cap} captions; {args.steps} steps of "
              f"{args.batch_size} on {len(splits['train'])} training pairs.", "",
              "| model | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 |", "|---|---:|---:|---:|---:|---:|---:|"]
     for label, rep in [*results.items(), ("chance", {"metrics": chance})]:
         lines.append(f"| {label} | " + " | ".join(f"{rep['metrics'][k]:.1f}" for k in keys) + " |")
-    write_json_atomic({"chance": chance, **{k: v["metrics"] for k, v in results.items()}},
-                      out / "tux-retrieval.json")
+    mio.write_json(out / "tux-retrieval.json", {"chance": chance, **{k: v["metrics"] for k, v in results.items()}})
     print("\n".join(lines))
     return 0
 

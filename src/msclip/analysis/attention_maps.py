@@ -15,14 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+from .plots import pyplot, save_figure
 
 
 def patch_grid(num_tokens: int, image_size: tuple[int, int] | None = None, patch: int | None = None,
@@ -50,7 +43,7 @@ def save_image_attention(attn: torch.Tensor, path: str | os.PathLike, heads: Seq
                          image: np.ndarray | None = None, grid: tuple[int, int] | None = None,
                          title: str = "") -> Path:
     """One PNG: class-token attention per head (over `image`, an HxWx3 float array in [0, 1], if given)."""
-    plt = _pyplot()
+    plt = pyplot()
     heads = list(range(attn.shape[0])) if heads is None else list(heads)
     grid = grid or patch_grid(attn.shape[-1])
     maps = cls_attention(attn, grid)[heads].cpu().numpy()
@@ -74,13 +67,13 @@ def save_image_attention(attn: torch.Tensor, path: str | os.PathLike, heads: Seq
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return save_figure(fig, path)
 
 
 def save_text_attention(attn: torch.Tensor, tokens: Sequence[str], path: str | os.PathLike,
                         heads: Sequence[int] | None = None, title: str = "") -> Path:
     """One PNG: token-to-token attention per head over the first len(tokens) positions."""
-    plt = _pyplot()
+    plt = pyplot()
     heads = list(range(attn.shape[0])) if heads is None else list(heads)
     n = len(tokens)
     mats = attn[heads, :n, :n].float().cpu().numpy()
@@ -98,17 +91,7 @@ def save_text_attention(attn: torch.Tensor, tokens: Sequence[str], path: str | o
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, plt)
-
-
-def _save(fig, path: str | os.PathLike, plt) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

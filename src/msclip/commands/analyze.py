@@ -1,11 +1,11 @@
-"""``msclip analyze``: how a checkpoint mixes the modalities (the MS-CLIP paper's analysis).
-
-Writes into --output-dir:
+"""``msclip analyze``: how a checkpoint mixes the modalities (the MS-CLIP paper's analysis); the work is
+msclip.analysis.pipeline. Writes into --output-dir:
 * ``pooled_hidden.pt``: per trunk layer, the pooled hidden states (image class token, caption end token);
 * ``analysis.json``: the modality gap of the final embeddings, and per layer the NMI between a 2-way
   k-means of the pooled states and the modality labels (low = mixed) plus the layer's centroid gap;
 * ``attention/*.png``: class-token attention per head over the image grid and token-to-token attention
-  for captions, for the chosen layers and heads, taken from the same model's forward_intermediates.
+  for captions, for the chosen layers and heads, taken from the same model's forward_intermediates;
+* ``nmi.png``, ``gap.png`` and ``report.md`` showing the numbers, the plots and the attention maps.
 """
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from msclip.commands._common import (UsageError, add_model_arguments, eval_transform, load_model, model_report,
-                                      pick_device, progress_flag, resolve_checkpoint)
+from msclip.commands._common import add_model_arguments, check_sizes, pick_device, progress_flag, run_main
 
 NAME = "analyze"
 HELP = "modality gap, per-layer modality NMI and attention maps for a checkpoint"
@@ -26,9 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--images", required=True, metavar="DIR|LIST",
                         help="a folder of images (searched recursively) or a text file of image paths")
-    parser.add_argument("--texts", required=True, metavar="FILE", help="captions, one per line")
+    parser.add_argument("--texts", required=True, metavar="FILE",
+                        help="captions, one per line (blank lines are dropped and listed)")
     parser.add_argument("--output-dir", default="analysis", metavar="DIR")
-    parser.add_argument("--max-samples", type=int, default=None, help="use at most N images and N captions")
+    parser.add_argument("--max-samples", type=int, default=None, help="use at most N images and N captions (at least 10 of each are needed)")
     parser.add_argument("--attn-layers", type=int, nargs="*", default=None,
                         help="trunk layers to draw attention for (default: first, middle and last)")
     parser.add_argument("--attn-heads", type=int, nargs="*", default=None, help="heads to draw (default: all)")
@@ -38,138 +36,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _image_list(spec: str) -> list[str]:
-    from msclip.eval.suite_datasets import IMAGE_EXTS
-
-    p = Path(spec)
-    if p.is_dir():
-        return sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
-    if p.is_file():
-        base = p.parent
-        return [str(base / ln.strip()) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    raise FileNotFoundError(f"--images {spec!r} does not exist")
-
-
-def _token_strings(ids: list[int]) -> list[str]:
-    try:  # readable labels when open_clip's BPE decoder is installed; ids otherwise
-        from open_clip.tokenizer import SimpleTokenizer
-
-        dec = SimpleTokenizer().decoder
-        return [dec.get(i, str(i)).replace("</w>", "") for i in ids]
-    except ImportError:
-        return [str(i) for i in ids]
-
-
-def _batches(n: int, size: int):
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
 def run(args: argparse.Namespace) -> int:
     import msclip
-    from msclip.analysis.attention_maps import denormalize, save_image_attention, save_text_attention
-    from msclip.analysis.modality import layerwise_nmi, modality_gap, modality_nmi
-    from msclip.checkpoint import atomic_save
-    from msclip.eval.features import SafeDataset, collate_safe
-    from msclip.eval.retrieval import ImageSource
-    from msclip.eval.zeroshot import write_json_atomic
+    from msclip import io as mio
+    from msclip.analysis.pipeline import analyze, read_inputs, report_markdown
+    from msclip.eval.loading import load_model, model_report, resolve_checkpoint
 
-    try:
-        paths = _image_list(args.images)[: args.max_samples]
-        texts = [ln.strip() for ln in Path(args.texts).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        texts = texts[: args.max_samples]
-        if len(paths) < 2 or len(texts) < 2:
-            raise UsageError(f"need at least 2 images and 2 captions (got {len(paths)} and {len(texts)})")
-        device = pick_device(args.device)
-        checkpoint = resolve_checkpoint(args.model, args.pretrained)
-        model = load_model(args.model, checkpoint, device, args.precision)
-    except (UsageError, FileNotFoundError) as e:
-        print(f"msclip analyze: error: {e}", file=sys.stderr)
-        return 2
-    from tqdm.auto import tqdm
-
+    check_sizes(args)
+    inputs = read_inputs(args.images, args.texts, args.max_samples)
+    if inputs.blank_lines:
+        print(f"dropped {len(inputs.blank_lines)} blank caption line(s) of {args.texts}: "
+              f"{', '.join(map(str, inputs.blank_lines[:20]))}", file=sys.stderr)
+    device = pick_device(args.device)
+    checkpoint = resolve_checkpoint(args.model, args.pretrained)
+    model = load_model(args.model, checkpoint, device, args.precision)
     out_dir = Path(args.output_dir)
-    tok = msclip.get_tokenizer(model.cfg)
-    n_layers = len(model.trunk.blocks) if hasattr(model, "trunk") else model.cfg.vision.layers
-    attn_layers = sorted(set(args.attn_layers if args.attn_layers is not None
-                             else [0, n_layers // 2, n_layers - 1]))
-    loader = torch.utils.data.DataLoader(SafeDataset(ImageSource(paths), eval_transform(model)),
-                                         batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=collate_safe)
-    img_pooled, img_emb, skipped, pngs = [], [], [], []
-    img_layers: list[int] = []
-    shown = 0
-    prog = progress_flag(args)
-    for images, _, idx, fail in tqdm(loader, desc="images", disable=None if prog is None else not prog):
-        skipped += fail
-        if images is None:
-            continue
-        images = images.to(device)
-        out = model.forward_intermediates(images=images)
-        img_layers = out["image_layers"]
-        img_pooled.append(torch.stack([h.float().cpu() for h in out["image_pooled"]]))
-        with torch.no_grad():
-            img_emb.append(model.encode_image(images).float().cpu())
-        if shown < args.attn_samples:  # attention only for the few drawn samples (it is [B, H, L, L])
-            k = min(args.attn_samples - shown, len(images))
-            att = model.forward_intermediates(images=images[:k], attn_layers=attn_layers)["image_attn"]
-            for j in range(k):
-                pic = denormalize(images[j], model.cfg.preprocess.mean, model.cfg.preprocess.std)
-                for layer, a in att.items():
-                    pngs.append(str(save_image_attention(
-                        a[j], out_dir / "attention" / f"image{shown + j:03d}_layer{layer:02d}.png", args.attn_heads,
-                        pic, title=f"{Path(paths[int(idx[j])]).name} | layer {layer} | class-token attention")))
-            shown += k
-    if not img_pooled:
-        print(f"msclip analyze: error: no image could be read ({len(skipped)} failed)", file=sys.stderr)
-        return 2
-    txt_pooled, txt_emb = [], []
-    txt_layers: list[int] = []
-    for s, e in _batches(len(texts), args.batch_size):
-        tokens = tok(texts[s:e]).to(device)
-        out = model.forward_intermediates(tokens=tokens)
-        txt_layers = out["text_layers"]
-        txt_pooled.append(torch.stack([h.float().cpu() for h in out["text_pooled"]]))
-        with torch.no_grad():
-            txt_emb.append(model.encode_text(tokens).float().cpu())
-        if s < args.attn_samples:
-            k = min(args.attn_samples, e) - s
-            att = model.forward_intermediates(tokens=tokens[:k], attn_layers=attn_layers)["text_attn"]
-            for j in range(k):
-                n = int(tokens[j].argmax()) + 1  # up to and including the end token
-                labels = _token_strings(tokens[j, :n].tolist())
-                for layer, a in att.items():
-                    pngs.append(str(save_text_attention(
-                        a[j], labels, out_dir / "attention" / f"text{s + j:03d}_layer{layer:02d}.png", args.attn_heads,
-                        title=f"{texts[s + j][:60]!r} | layer {layer}")))
-    for name, passed in (("image", img_layers), ("text", txt_layers)):
-        absent = [la for la in attn_layers if la not in passed]
-        if absent:  # e.g. MS-CLIP-S images enter the trunk after layer 0
-            print(f"note: {name}s do not pass trunk layer(s) {absent}; no {name} attention drawn there",
-                  file=sys.stderr)
-    ip, tp = torch.cat(img_pooled, dim=1), torch.cat(txt_pooled, dim=1)  # [layers, N, D]
-    ie, te = torch.cat(img_emb), torch.cat(txt_emb)
-    norm = not args.raw_pooled
-    bad = {i for i, _ in skipped}
-    layers = layerwise_nmi(list(ip), list(tp), img_layers, txt_layers, normalize=norm, seed=args.seed)
-    atomic_save({"image_pooled": ip, "text_pooled": tp, "image_layers": list(img_layers),
-                 "text_layers": list(txt_layers), "image_embeddings": ie, "text_embeddings": te,
-                 "image_paths": [p for i, p in enumerate(paths) if i not in bad],
-                 "texts": texts}, out_dir / "pooled_hidden.pt")
-    report = {"task": "analyze", **model_report(args.model, model, checkpoint, device, args.precision),
-              "images": int(ie.shape[0]), "texts": len(texts), "skipped_images": len(skipped),
-              "skipped_examples": [f"{paths[i]}: {err}" for i, err in skipped[:20]],
-              "modality_gap": modality_gap(ie, te),
-              "embedding_nmi": modality_nmi(ie, te, normalize=True, seed=args.seed),
-              "pooled_normalised_before_clustering": norm, "layers": layers,
-              "attention_layers": attn_layers, "attention_pngs": pngs}
-    write_json_atomic(report, out_dir / "analysis.json")
+    result = analyze(model, msclip.get_tokenizer(model.cfg), inputs, out_dir, device, attn_layers=args.attn_layers,
+                     attn_heads=args.attn_heads, attn_samples=args.attn_samples,
+                     normalize_pooled=not args.raw_pooled, seed=args.seed, batch_size=args.batch_size,
+                     workers=args.workers, progress=progress_flag(args))
+    report = {"task": "analyze", **model_report(args.model, model, checkpoint, device, args.precision), **result}
+    mio.write_json(out_dir / "analysis.json", report)
+    mio.write_text(out_dir / "report.md", report_markdown(report, out_dir))
+    for s in report["skipped"]:
+        print(f"skipped image {s['path']}: {s['error']}", file=sys.stderr)
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     print(f"modality gap (final embeddings): {report['modality_gap']:.4f}; "
           f"NMI of final embeddings: {report['embedding_nmi']:.3f}")
     print("| layer | NMI | centroid gap |\n|---:|---:|---:|")
-    for r in layers:
+    for r in report["layers"]:
         print(f"| {r['layer']} | {r['nmi']:.3f} | {r['gap']:.4f} |")
-    print(f"wrote {out_dir / 'analysis.json'}, {out_dir / 'pooled_hidden.pt'} and {len(pngs)} attention PNGs")
+    print(f"wrote {out_dir / 'report.md'}, analysis.json, pooled_hidden.pt and "
+          f"{len(report['attention_pngs'])} attention PNGs")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(NAME, argv)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from msclip.commands._common import (UsageError, add_model_arguments, eval_transform, load_model, model_report,
-                                      pick_device, progress_flag, resolve_checkpoint)
+from msclip.commands._common import UsageError, add_model_arguments, check_sizes, pick_device, progress_flag, run_main
 
 NAME = "linprobe"
 HELP = "linear-probe evaluation (CLIP L-BFGS or AdamW protocol) on one dataset or the msclip24 suite"
@@ -73,20 +72,19 @@ def _entries(args: argparse.Namespace) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msclip.eval.features import SafeDataset, cache_key, cached, default_cache_dir, extract
+    from msclip import io as mio
+    from msclip.eval.features import (SafeDataset, bf16_autocast, cache_key, cached, default_cache_dir,
+                                      extract_image_features)
     from msclip.eval.linear_probe import run_probe
+    from msclip.eval.loading import eval_transform, load_model, model_report, resolve_checkpoint
     from msclip.eval.suite import limit_dataset, run_suite
-    from msclip.eval.zeroshot import write_json_atomic
 
-    try:
-        entries = _entries(args)
-        device = pick_device(args.device)
-        checkpoint = resolve_checkpoint(args.model, args.pretrained)
-        torch.manual_seed(args.seed)  # random-init weights are then reproducible, so caching them is sound
-        model = load_model(args.model, checkpoint, device, args.precision)
-    except UsageError as e:
-        print(f"msclip linprobe: error: {e}", file=sys.stderr)
-        return 2
+    check_sizes(args)
+    entries = _entries(args)
+    device = pick_device(args.device)
+    checkpoint = resolve_checkpoint(args.model, args.pretrained)
+    torch.manual_seed(args.seed)  # random-init weights are then reproducible, so caching them is sound
+    model = load_model(args.model, checkpoint, device, args.precision)
     transform = eval_transform(model)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     encode = functools.partial(model.encode_image, project=args.features == "embedding")
@@ -96,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     def featurize(spec, root, role, ds):
         ds = limit_dataset(ds, args.limit, args.seed)
         key = cache_key(args.model, checkpoint, spec.name, role, str(root), extra)
-        res, hit = cached(cache_dir, key, lambda: extract(
-            encode, SafeDataset(ds, transform), device, args.batch_size, args.workers, args.amp,
-            progress_flag(args), desc=f"{spec.name}/{role}"))
+        res, hit = cached(cache_dir, key, lambda: extract_image_features(
+            encode, SafeDataset(ds, transform), device, batch_size=args.batch_size, workers=args.workers,
+            autocast=bf16_autocast(device) if args.amp else None, progress=progress_flag(args),
+            desc=f"{spec.name}/{role}"))
         print(f"{spec.name}/{role}: {len(res['features'])} features ({'cache' if hit else 'extracted'})"
               + (f", {res['skipped']} unreadable images skipped" if res["skipped"] else ""), file=sys.stderr)
         return res
@@ -116,20 +115,13 @@ def run(args: argparse.Namespace) -> int:
                            "normalize": not args.no_normalize, "amp": args.amp,
                            "limit": args.limit, "seed": args.seed, **kw},
               **result.summary(), "datasets": result.results}
-    write_json_atomic(report, args.output)
+    mio.write_json(args.output, report)
     table = format_markdown(report)
     md = os.path.splitext(args.output)[0] + ".md"
-    _write_text_atomic(md, table + "\n")
+    mio.write_text(md, table + "\n")
     print(table)
     print(f"results: {args.output} and {md}")
     return 0 if result.summary()["n_ok"] else 1
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _hp(res: dict) -> str:
@@ -156,6 +148,10 @@ def format_markdown(report: dict) -> str:
     lines.append(f"| **mean ({report.get('n_ok', 0)} datasets)** | | {'' if mean is None else f'{mean:.2f}'} "
                  "| | | | | | |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(NAME, argv)
 
 
 if __name__ == "__main__":

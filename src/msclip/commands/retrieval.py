@@ -7,14 +7,9 @@ Images that cannot be read are skipped and counted; their captions are dropped w
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
-from msclip.commands._common import (UsageError, add_model_arguments, eval_transform, load_model, model_report,
-                                      pick_device, progress_flag, resolve_checkpoint)
+from msclip.commands._common import add_model_arguments, check_sizes, pick_device, progress_flag, run_main
 
 NAME = "retrieval"
 HELP = "image-text retrieval recall@k (Karpathy JSON, CSV or WebDataset captions)"
@@ -35,55 +30,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, metavar="FILE.json")
 
 
-def encode_texts(model, tokenizer, captions: list[str], device: torch.device, batch_size: int, amp: bool,
-                 progress: bool | None) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
-    from msclip.eval.features import autocast_context
-
-    out = []
-    starts = range(0, len(captions), batch_size)
-    with autocast_context(device, amp):
-        for s in tqdm(starts, desc="captions", disable=None if progress is None else not progress):
-            out.append(model.encode_text(tokenizer(captions[s:s + batch_size]).to(device)).float().cpu())
-    return torch.cat(out)
-
-
 def run(args: argparse.Namespace) -> int:
-    import msclip
-    from msclip.eval.features import SafeDataset, extract
-    from msclip.eval.retrieval import ImageSource, read_annotations, recall_at_k
-    from msclip.eval.zeroshot import write_json_atomic
+    from msclip import io as mio
+    from msclip.eval.features import bf16_autocast
+    from msclip.eval.loading import load_model, model_report, resolve_checkpoint
+    from msclip.eval.retrieval import evaluate_retrieval, read_annotations
 
-    try:
-        data = read_annotations(args.annotations, args.images, args.split, args.csv_image_key, args.csv_caption_key)
-        device = pick_device(args.device)
-        checkpoint = resolve_checkpoint(args.model, args.pretrained)
-        model = load_model(args.model, checkpoint, device, args.precision)
-    except (UsageError, FileNotFoundError, ValueError) as e:
-        print(f"msclip retrieval: error: {e}", file=sys.stderr)
-        return 2
+    check_sizes(args, "text_batch_size", "chunk")
+    data = read_annotations(args.annotations, args.images, args.split, args.csv_image_key, args.csv_caption_key)
+    device = pick_device(args.device)
+    checkpoint = resolve_checkpoint(args.model, args.pretrained)
+    model = load_model(args.model, checkpoint, device, args.precision)
     t0 = time.perf_counter()
-    progress = progress_flag(args)
-    feats = extract(model.encode_image, SafeDataset(ImageSource(data.images), eval_transform(model)), device,
-                    args.batch_size, args.workers, args.amp, progress, desc="images")
-    kept = feats["labels"].tolist()  # ImageSource labels are image indices
-    new_index = {old: new for new, old in enumerate(kept)}
-    caps = [(c, new_index[o]) for c, o in zip(data.captions, data.caption_image) if o in new_index]
-    texts = encode_texts(model, msclip.get_tokenizer(model.cfg), [c for c, _ in caps], device,
-                         args.text_batch_size, args.amp, progress)
-    owner = torch.tensor([o for _, o in caps])
-    metrics = recall_at_k(F.normalize(feats["features"].to(device), dim=-1), F.normalize(texts.to(device), dim=-1),
-                          owner, (1, 5, 10), args.chunk)
+    result = evaluate_retrieval(model, data, device, batch_size=args.batch_size, text_batch_size=args.text_batch_size,
+                                workers=args.workers, autocast=bf16_autocast(device) if args.amp else None,
+                                progress=progress_flag(args), chunk=args.chunk)
     report = {"task": "retrieval", **model_report(args.model, model, checkpoint, device, args.precision),
-              "annotations": args.annotations, "format": data.format, "split": args.split,
-              "images": len(kept), "captions": len(caps), "skipped_images": feats["skipped"],
-              "skipped_examples": feats["skipped_examples"], "dropped_captions": len(data.captions) - len(caps),
-              "score_unit": "percent",
-              "metrics": {k: (100.0 * v if "R@" in k else v) for k, v in metrics.items()},
+              "annotations": args.annotations, "format": data.format, "split": args.split, **result,
               "seconds": time.perf_counter() - t0}
     if args.output:
-        write_json_atomic(report, args.output)
+        mio.write_json(args.output, report)
     print(format_table(report))
     return 0
 
@@ -92,11 +58,17 @@ def format_table(report: dict) -> str:
     m = report["metrics"]
     lines = [f"retrieval on {report['annotations']} ({report['format']}): {report['images']} images, "
              f"{report['captions']} captions, {report['skipped_images']} unreadable images skipped",
-             "| direction | R@1 | R@5 | R@10 | mean rank |", "|---|---:|---:|---:|---:|"]
+             "| direction | R@1 % | R@5 % | R@10 % | mean rank |", "|---|---:|---:|---:|---:|"]
     for d, label in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
-        lines.append(f"| {label} | {m[f'{d}_R@1']:.2f} | {m[f'{d}_R@5']:.2f} | {m[f'{d}_R@10']:.2f} "
+        lines.append(f"| {label} | {m[f'{d}_R@1_pct']:.2f} | {m[f'{d}_R@5_pct']:.2f} | {m[f'{d}_R@10_pct']:.2f} "
                      f"| {m[f'{d}_mean_rank']:.1f} |")
+    for e in report["skipped_examples"][:5]:
+        lines.append(f"skipped image {e}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(NAME, argv)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,24 @@ import json
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from msclip.data.formats import IMAGE_EXTENSIONS, is_image_file
+from msclip.errors import MsclipError
+
+from .features import SafeDataset
+
 WNID_RE = re.compile(r"n\d{8}")
+INDEX_PREFIX_RE = re.compile(r"(\d+)_(.+)")  # "3_three", "9_ankle boot"
 NUM_IMAGENET_CLASSES = 1000
 
 
-class DataError(ValueError):
+class DataError(MsclipError):
     """The data folder or class-name file is unusable; the message names the path at fault."""
 
 
@@ -35,15 +39,11 @@ class FolderIndex:
     samples: list[tuple[str, int]]  # (path, class index), ImageFolder order
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
 def _walk_images(folder: str) -> list[str]:
     # Same traversal and order as torchvision.datasets.folder.make_dataset.
     out = []
     for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True)):
-        out.extend(os.path.join(dirpath, f) for f in sorted(fnames) if _is_image(f))
+        out.extend(os.path.join(dirpath, f) for f in sorted(fnames) if is_image_file(f))
     return out
 
 
@@ -65,7 +65,7 @@ def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
         samples.extend((p, idx) for p in files)
     if empty:
         shown = ", ".join(empty[:10]) + (f" ... ({len(empty)} in all)" if len(empty) > 10 else "")
-        raise DataError(f"data folder {root!r}: class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): "
+        raise DataError(f"data folder {root!r}: class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}): "
                         f"{shown}")
     return FolderIndex(root, classes, samples)
 
@@ -77,7 +77,7 @@ def scan_images(root: str | os.PathLike) -> list[str]:
         raise DataError(f"image folder {root!r} does not exist or is not a folder")
     files = _walk_images(root)
     if not files:
-        raise DataError(f"image folder {root!r} contains no images ({', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"image folder {root!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -86,20 +86,29 @@ def is_imagenet_folder(classes: list[str]) -> bool:
     return len(classes) == NUM_IMAGENET_CLASSES and all(WNID_RE.fullmatch(c) for c in classes)
 
 
+def folder_classnames(classes: list[str]) -> list[str]:
+    """Class names read from folder names: when every folder is `<index>_<name>` (`0_zero`, `9_ankle boot`)
+    the index prefix is dropped; underscores are read as spaces (`ankle_boot` -> "ankle boot")."""
+    matches = [INDEX_PREFIX_RE.fullmatch(c) for c in classes]
+    if classes and all(matches):
+        classes = [m.group(2) for m in matches]
+    return [c.replace("_", " ").strip() for c in classes]
+
+
 def resolve_classnames(classes: list[str], classnames_file: str | None = None) -> tuple[list[str], str]:
     """Class names for the sorted class folders, and where they came from.
 
     * `classnames_file`: one name per line (count must equal the folder count), a JSON list, or a
       JSON object folder -> name (may hold extra keys, e.g. all 1000 wnids for a subset folder);
     * otherwise 1000 folders named like ImageNet wnids -> the 1000 ImageNet class names;
-    * otherwise the folder names, with underscores read as spaces.
+    * otherwise `folder_classnames` (index prefix dropped, underscores read as spaces).
     """
     if classnames_file is not None:
         return _names_from_file(classes, classnames_file), str(classnames_file)
     if is_imagenet_folder(classes):
         from .templates import imagenet_classnames
         return imagenet_classnames(), "imagenet-1k"
-    return [c.replace("_", " ") for c in classes], "folder-names"
+    return folder_classnames(classes), "folder-names"
 
 
 def _names_from_file(classes: list[str], path_str: str) -> list[str]:
@@ -153,52 +162,20 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-class SafeImageDataset(Dataset):
-    """Items are (index, tensor or None, label, error or None); a failure never raises."""
+class ImagePaths(Dataset):
+    """(PIL image, label) per path, loaded with `load_rgb`; wrap it in features.SafeDataset."""
 
-    def __init__(self, paths: list[str], labels: list[int] | None, transform: Callable):
-        self.paths = paths
-        self.labels = labels if labels is not None else [-1] * len(paths)
-        self.transform = transform
-
-    @classmethod
-    def from_index(cls, index: FolderIndex, transform: Callable) -> "SafeImageDataset":
-        return cls([p for p, _ in index.samples], [y for _, y in index.samples], transform)
+    def __init__(self, paths: list[str], labels: list[int] | None = None):
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            x = self.transform(load_rgb(self.paths[i]))
-            return i, x, self.labels[i], None
-        except Exception as e:  # noqa: BLE001 - any decode/transform failure means "skip this image"
-            return i, None, self.labels[i], f"{type(e).__name__}: {e}"
+        return load_rgb(self.paths[i]), (self.labels[i] if self.labels is not None else None)
 
 
-@dataclass
-class Batch:
-    images: torch.Tensor | None  # [n_ok, 3, H, W] or None when every item failed
-    labels: torch.Tensor  # [n_ok]
-    indices: torch.Tensor  # [n_ok] dataset indices of the loaded images
-    failures: list[tuple[int, str]] = field(default_factory=list)  # (dataset index, error)
-
-    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        if self.images is not None:
-            self.images = self.images.pin_memory()
-        return self
-
-
-def collate_skip(items: list) -> Batch:
-    ok = [it for it in items if it[1] is not None]
-    failures = [(it[0], it[3]) for it in items if it[1] is None]
-    images = torch.stack([it[1] for it in ok]) if ok else None
-    labels = torch.tensor([it[2] for it in ok], dtype=torch.long)
-    indices = torch.tensor([it[0] for it in ok], dtype=torch.long)
-    return Batch(images, labels, indices, failures)
-
-
-def make_loader(dataset: SafeImageDataset, batch_size: int, workers: int, pin_memory: bool = False):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skip,
-        pin_memory=pin_memory, drop_last=False, persistent_workers=False)
+def folder_dataset(index: FolderIndex, transform: Callable) -> SafeDataset:
+    """The images of a scanned folder, labelled, for the feature loop (failures are skipped and counted)."""
+    return SafeDataset(ImagePaths([p for p, _ in index.samples], [y for _, y in index.samples]), transform)

@@ -20,17 +20,24 @@ def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ..
         raise ValueError("topk_accuracy: empty input")
     top = scores.topk(min(max(ks), c), dim=1).indices
     hit = top == targets.view(-1, 1)
-    return {k: hit[:, : min(k, c)].any(dim=1).float().mean().item() for k in ks}
+    return {k: hit[:, : min(k, c)].any(dim=1).double().mean().item() for k in ks}
+
+
+def per_class_counts(scores: torch.Tensor, targets: torch.Tensor,
+                     num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(support, correct) per class [C] of the top-1 predictions (`scores` [N, C], or predicted ids [N])."""
+    preds = scores.argmax(dim=1) if scores.dim() == 2 else scores
+    c = max(num_classes or 0, int(max(preds.max().item(), targets.max().item())) + 1)
+    support = torch.bincount(targets, minlength=c)
+    correct = torch.bincount(targets[preds == targets], minlength=c)
+    return support, correct
 
 
 def mean_per_class_recall(scores: torch.Tensor, targets: torch.Tensor, num_classes: int | None = None) -> float:
     """Mean over the classes present in `targets` of the per-class recall (balanced accuracy)."""
-    preds = scores.argmax(dim=1) if scores.dim() == 2 else scores
-    c = max(num_classes or 0, int(max(preds.max().item(), targets.max().item())) + 1)
-    support = torch.bincount(targets, minlength=c).double()
-    correct = torch.bincount(targets[preds == targets], minlength=c).double()
+    support, correct = per_class_counts(scores, targets, num_classes)
     present = support > 0
-    return (correct[present] / support[present]).mean().item()
+    return (correct[present].double() / support[present].double()).mean().item()
 
 
 def average_precision_11point(scores: torch.Tensor, targets: torch.Tensor) -> float:

@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from msclip.data.formats import wds_captions
+from msclip.errors import MissingFileError, MsclipError
+
+from .features import Autocast, SafeDataset, extract_image_features, extract_text_features
+from .loading import eval_transform
 from .suite_datasets import find_shards, index_tar_shards, open_image, wds_image
+
+
+class AnnotationError(MsclipError):
+    """An annotation file is unusable; the message names it."""
 
 
 @dataclass
@@ -32,7 +42,7 @@ def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
     """Karpathy-split JSON (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if "images" not in data:
-        raise ValueError(f"{path}: not a Karpathy-split file (no 'images' list)")
+        raise AnnotationError(f"{path}: not a Karpathy-split file (no 'images' list)")
     images, captions, owner = [], [], []
     for rec in data["images"]:
         if split != "all" and rec.get("split") != split:
@@ -47,7 +57,7 @@ def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
             owner.append(len(images) - 1)
     if not images:
         splits = sorted({r.get("split", "?") for r in data["images"]})
-        raise ValueError(f"{path}: no image with captions in split {split!r} (splits present: {splits})")
+        raise AnnotationError(f"{path}: no image with captions in split {split!r} (splits present: {splits})")
     return RetrievalSet(images, captions, owner, "karpathy")
 
 
@@ -62,7 +72,7 @@ def read_csv_pairs(path: str | os.PathLike, images_root: str | os.PathLike | Non
         ik = image_key or next((c for c in ("image", "filepath", "filename", "file", "path") if c in cols), None)
         ck = caption_key or next((c for c in ("caption", "text", "title", "sentence") if c in cols), None)
         if ik not in cols or ck not in cols:
-            raise ValueError(f"{path}: need image and caption columns (found {cols}); pass the column names")
+            raise AnnotationError(f"{path}: need image and caption columns (found {cols}); pass the column names")
         root = Path(images_root) if images_root else path.parent
         index: dict[str, int] = {}
         images, captions, owner = [], [], []
@@ -76,34 +86,25 @@ def read_csv_pairs(path: str | os.PathLike, images_root: str | os.PathLike | Non
             captions.append(cap)
             owner.append(index[p])
     if not images:
-        raise ValueError(f"{path}: no (image, caption) rows")
+        raise AnnotationError(f"{path}: no (image, caption) rows")
     return RetrievalSet(images, captions, owner, "csv")
-
-
-def _captions_of(sample: dict) -> list[str]:
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        caps = meta.get("captions") or meta.get("caption") or meta.get("text") or []
-        return [caps] if isinstance(caps, str) else [c for c in caps if c]
-    text = sample.get("txt") or sample.get("caption") or sample.get("text") or ""
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def read_wds_pairs(path: str | os.PathLike) -> RetrievalSet:
     """WebDataset shards (a .tar or a folder of them): image + .txt (one caption per line) or .json."""
     shards = find_shards(path)
     if not shards:
-        raise FileNotFoundError(f"{path}: no .tar shards found")
+        raise MissingFileError(f"{path}: no .tar shards found")
     images, captions, owner = [], [], []
     for s in index_tar_shards(shards):
-        img, caps = wds_image(s), _captions_of(s)
+        img, caps = wds_image(s), wds_captions(s, one_per_line=True).texts
         if img is None or not caps:
             continue
         images.append(img)
         captions += caps
         owner += [len(images) - 1] * len(caps)
     if not images:
-        raise ValueError(f"{path}: shards hold no sample with both an image and a caption")
+        raise AnnotationError(f"{path}: shards hold no sample with both an image and a caption")
     return RetrievalSet(images, captions, owner, "wds")
 
 
@@ -111,12 +112,12 @@ def read_annotations(annotations: str, images_root: str | None = None, split: st
                      image_key: str | None = None, caption_key: str | None = None) -> RetrievalSet:
     p = Path(annotations)
     if not p.exists():
-        raise FileNotFoundError(f"annotations {annotations!r} do not exist")
+        raise MissingFileError(f"annotations {annotations!r} do not exist")
     if p.is_dir() or p.suffix == ".tar":
         return read_wds_pairs(p)
     if p.suffix.lower() == ".json":
         if images_root is None:
-            raise ValueError("Karpathy JSON annotations need --images ROOT")
+            raise AnnotationError("Karpathy JSON annotations need --images ROOT")
         return read_karpathy(p, images_root, split)
     return read_csv_pairs(p, images_root, image_key, caption_key)
 
@@ -161,3 +162,30 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: 
     out["image_to_text_mean_rank"] = i2t_rank.float().mean().item() + 1
     out["text_to_image_mean_rank"] = t2i_rank.float().mean().item() + 1
     return out
+
+
+def evaluate_retrieval(model: Any, data: RetrievalSet, device: torch.device, *, batch_size: int = 64,
+                       text_batch_size: int = 256, workers: int = 0, autocast: Autocast | None = None,
+                       progress: bool | None = None, chunk: int = 1024) -> dict[str, Any]:
+    """Recall@1/5/10 in both directions, in percent (`*_R@k_pct`), and the mean ranks. Unreadable images are
+    skipped and counted; their captions are dropped with them."""
+    import msclip
+
+    feats = extract_image_features(model.encode_image, SafeDataset(ImageSource(data.images), eval_transform(model)),
+                                   device, batch_size=batch_size, workers=workers, autocast=autocast,
+                                   progress=progress, desc="images")
+    kept = feats["labels"].tolist()  # ImageSource labels are image indices
+    new_index = {old: new for new, old in enumerate(kept)}
+    caps = [(c, new_index[o]) for c, o in zip(data.captions, data.caption_image) if o in new_index]
+    if not caps:
+        raise AnnotationError("no caption is left after dropping the captions of unreadable images")
+    texts = extract_text_features(model, msclip.get_tokenizer(model.cfg), [c for c, _ in caps], device,
+                                  batch_size=text_batch_size, autocast=autocast, progress=progress, desc="captions")
+    owner = torch.tensor([o for _, o in caps])
+    metrics = recall_at_k(F.normalize(feats["features"].to(device), dim=-1), F.normalize(texts.to(device), dim=-1),
+                          owner, (1, 5, 10), chunk)
+    return {"images": len(kept), "captions": len(caps), "skipped_images": feats["skipped"],
+            "skipped_examples": feats["skipped_examples"], "dropped_captions": len(data.captions) - len(caps),
+            "metrics": {(f"{k}_pct" if "R@" in k else k): (100.0 * v if "R@" in k else v)
+                        for k, v in metrics.items()},
+            "seconds": feats["seconds"]}

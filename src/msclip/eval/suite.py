@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from msclip.errors import MissingFileError
+
 from . import suite_datasets as sd
 
 log = logging.getLogger("msclip.eval")
@@ -27,7 +29,9 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "tvmonitor")
 
 
-class MissingDataset(FileNotFoundError):
+class MissingDataset(MissingFileError):
+    """A suite dataset is not on disk; the message gives the layout that was expected."""
+
     def __init__(self, name: str, expected_layout: str):
         super().__init__(f"dataset {name!r} not found; expected {expected_layout}")
         self.expected_layout = expected_layout

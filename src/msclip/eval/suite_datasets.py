@@ -13,7 +13,6 @@ Layouts, tried in this order for a dataset root and split name:
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
@@ -26,8 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
-WDS_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+from msclip.data.formats import WDS_IMAGE_KEYS, is_image_file
+from msclip.data.formats import read_idx as read_idx_file
+
+# members read as text (the label and the caption members); every other member is kept as a TarMember
 WDS_TEXT_FIELDS = ("cls", "txt", "json", "text", "caption")
 
 
@@ -118,7 +119,7 @@ def index_tar_shards(shards: list[str]) -> list[dict]:
 
 
 def wds_image(sample: dict) -> TarMember | None:
-    return next((sample[f] for f in WDS_IMAGE_FIELDS if f in sample), None)
+    return next((sample[f] for f in WDS_IMAGE_KEYS if f in sample), None)
 
 
 def find_shards(path: str | os.PathLike) -> list[str]:
@@ -168,7 +169,7 @@ def read_folder(root: Path, split: str, classes: list[str] | None = None) -> Sam
     for c in found:
         for dirpath, _, files in sorted(os.walk(base / c)):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTS):
+                if is_image_file(f):
                     sources.append(os.path.join(dirpath, f))
                     labels.append(index[c])
     return Samples(sources, labels, list(classes), "folder")
@@ -219,16 +220,6 @@ def read_jsonl(root: Path, split: str) -> Samples | None:
     return Samples(sources, labels, None, "jsonl")
 
 
-def _read_idx_file(path: Path) -> np.ndarray:
-    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated IDX file ({arr.size} values for shape {shape})")
-    return arr.reshape(shape)
-
-
 def read_idx(root: Path, split: str) -> Samples | None:
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
@@ -237,7 +228,7 @@ def read_idx(root: Path, split: str) -> Samples | None:
         for suffix in ("", ".gz"):
             img, lab = sub / f"{prefix}-images-idx3-ubyte{suffix}", sub / f"{prefix}-labels-idx1-ubyte{suffix}"
             if img.is_file() and lab.is_file():
-                images, labels = _read_idx_file(img), _read_idx_file(lab).astype(np.int64)
+                images, labels = read_idx_file(img), read_idx_file(lab).astype(np.int64)
                 return Samples(list(images), labels.tolist(), None, "idx")
     return None
 

@@ -1,8 +1,12 @@
-"""Prompt templates and ImageNet class names for zero-shot classification.
+"""Prompt templates, the one prompt filler, and ImageNet class names for zero-shot classification.
 
 The ImageNet class names and the 80 OpenAI templates are exactly the lists the official MS-CLIP
-zero-shot script uses (spec section 11.2); open_clip_torch ships identical copies, so they are read
-from its `zero_shot_metadata` rather than duplicated here.
+zero-shot script (`tools/zero_shot.py` of the official release) uses; open_clip_torch ships identical
+copies, so they are read from its `zero_shot_metadata` rather than duplicated here (checked by sha256 in
+tests/test_zeroshot.py).
+
+Every prompt is filled by `fill_template`: `template.format(name)` with the article fixed ("a" before a
+vowel becomes "an": "a photo of an ankle boot."), the rule the Fashion-MNIST training captions use.
 """
 from __future__ import annotations
 
@@ -10,12 +14,24 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-BUILTIN_TEMPLATE_SETS = ("imagenet80", "simple")
+from msclip.errors import MsclipError
+
+BUILTIN_TEMPLATE_SETS = ("imagenet80", "simple", "generic", "fashion_mnist")
+# Four everyday prompts that need no extra package: the default of in-training zero-shot on a folder.
+GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 
 
-class TemplateError(ValueError):
+class TemplateError(MsclipError):
     """A template set or template file is unusable; the message names it."""
+
+
+def fill_template(template: str, classname: str) -> str:
+    """The one prompt filler: ``template.format(classname)`` with "a" -> "an" before a vowel."""
+    from msclip.data.fashion_mnist import render_caption  # the training captions' rule, so prompts match them
+
+    return render_caption(template, classname)
 
 
 @dataclass(frozen=True)
@@ -28,7 +44,7 @@ class TemplateSet:
         return hashlib.sha256("\n".join(self.templates).encode("utf-8")).hexdigest()
 
     def format(self, classname: str) -> list[str]:
-        return [t.format(classname) for t in self.templates]
+        return [fill_template(t, classname) for t in self.templates]
 
     def describe(self) -> dict:
         return {"name": self.name, "count": len(self.templates), "sha256": self.sha256,
@@ -69,9 +85,27 @@ def _check(templates: tuple[str, ...], source: str) -> tuple[str, ...]:
     return templates
 
 
+def resolve_templates(spec: str | Sequence[str] | None, default: str) -> TemplateSet:
+    """A recipe's or a caller's templates: None -> the builtin set `default`; a string -> load_templates;
+    a list of format strings -> those (checked)."""
+    if spec is None:
+        return load_templates(default)
+    if isinstance(spec, str):
+        return load_templates(spec)
+    templates = tuple(str(t) for t in spec)
+    return TemplateSet("list", _check(templates, "templates list"))
+
+
 def load_templates(spec: str) -> TemplateSet:
-    """`imagenet80` (80 OpenAI templates), `simple` (open_clip's 7) or a file: one template per line
-    with a `{}` placeholder (blank lines and lines starting with '#' ignored), or a JSON list."""
+    """`imagenet80` (80 OpenAI templates), `simple` (open_clip's 7), `generic` (4 everyday prompts),
+    `fashion_mnist` (the demo's 12 caption templates) or a file: one template per line with a `{}`
+    placeholder (blank lines and lines starting with '#' ignored), or a JSON list."""
+    if spec == "generic":
+        return TemplateSet("generic", GENERIC_TEMPLATES)
+    if spec == "fashion_mnist":
+        from msclip.data.fashion_mnist import DEFAULT_CAPTION_TEMPLATES
+
+        return TemplateSet("fashion_mnist", _check(tuple(DEFAULT_CAPTION_TEMPLATES), spec))
     if spec == "imagenet80":
         return TemplateSet("imagenet80", _check(_as_format_strings(_metadata().OPENAI_IMAGENET_TEMPLATES), spec))
     if spec == "simple":
@@ -82,7 +116,10 @@ def load_templates(spec: str) -> TemplateSet:
                             "nor an existing file")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TemplateError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
             raise TemplateError(f"{path}: a JSON template file must hold a list of strings")
         templates = tuple(data)
