@@ -146,3 +146,33 @@ def test_official_export_file(tmp_path):
     state = torch.load(tmp_path / "ckpt.pth", weights_only=True)
     shared = [k for k in model.state_dict() if ".shared." in k]
     assert len(state) == len(model.state_dict()) + len(shared)
+
+
+PE_RES = "MODEL:\n  NAME: clip_openai_pe_res_v1\nCUSTOM:\n"
+
+
+@pytest.mark.parametrize("custom", ["  LORA_WHERE_ADD: v0\n  GUMBEL_SELECT: False\n  OUTPUT_ATTN_RAW: False\n",
+                                    "  CUSTOM_ATTN: True\n", "  CUSTOM_ATTN: False\n", "  N_LAYERS: -1\n"])
+def test_official_switches_at_their_off_value_are_accepted(tmp_path, custom):
+    load_official_yaml(write_yaml(tmp_path, PE_RES + custom))
+
+
+def test_official_switches_not_implemented_vs_unknown(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_official_yaml(write_yaml(tmp_path, PE_RES + "  LORA_WHERE_ADD: v1\n  LORA_OPEN: True\n"
+                                      "  LORA_WHERE_ADDD: v0\n"))
+    msg = str(info.value)
+    assert "CUSTOM.LORA_WHERE_ADD='v1' is an official switch that msclip does not implement" in msg
+    assert "CUSTOM.LORA_OPEN=True is an official switch that msclip does not implement" in msg
+    assert "CUSTOM.LORA_WHERE_ADDD is unknown: the official code has no such switch (did you mean " \
+           "'LORA_WHERE_ADD'?)" in msg
+    assert "LORA_WHERE_ADDD is an official" not in msg
+
+
+def test_official_lr_share_wd_share_are_returned(tmp_path):
+    cfg = load_official_yaml(REF_DIR / "config.yaml")
+    assert (cfg.lr_share, cfg.wd_share) == (1e-4, 0.2)
+    none = load_official_yaml(write_yaml(tmp_path, PE_RES + "  LR_SHARE: 0.0\n"))
+    assert (none.lr_share, none.wd_share) == (None, None)
+    with pytest.raises(ConfigError, match="CUSTOM.WD_SHARE must be >= 0"):
+        load_official_yaml(write_yaml(tmp_path, PE_RES + "  WD_SHARE: -0.1\n"))

@@ -162,6 +162,8 @@ class _Loader:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # `X | None`: X's own message (and nested problems) say more
             return self.convert(value, options[0], path)
+        if isinstance(value, str):  # here "[...]" from the command line: a list before the plain string
+            options = [a for a in options if a is not str] + [a for a in options if a is str]
         for arg in options:  # the first alternative that takes the value without a problem
             probe = _Loader(self.parse_strings, self.noun, self.source, self.root)
             try:
