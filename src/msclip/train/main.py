@@ -1,4 +1,4 @@
-"""Training orchestration: ``python -m msclip.train.main --config RECIPE.yaml [overrides]`` (also under torchrun).
+"""Training orchestration: ``train(recipe)``, run by ``msclip train`` (also ``torchrun -m msclip train``).
 
 Order: process group -> run folder + resolved recipe -> model -> data -> optimiser/schedule/precision ->
 resume -> DDP -> loop -> final checkpoint + exported weights.
@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from msclip.train.logger import RunLogger
 from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop
 from msclip.train.optim import build_optimizer
 from msclip.train.precision import get_precision
-from msclip.train.recipe import Recipe, RecipeError, load_recipe, save_recipe
+from msclip.train.recipe import Recipe, RecipeError, save_recipe
 from msclip.train.scheduler import WarmupCosine
 from msclip.train.state import capture_rng, checkpoint_path, load_train_state, resolve_resume, save_train_state
 
@@ -67,15 +66,11 @@ def _run_dir(recipe: Recipe, env: D.DistEnv) -> Path:
 
 
 def _data(recipe: Recipe, train_tf: Any, tokenizer: Any, env: D.DistEnv) -> Any:
-    from msclip.data import DataSpec, build_train_data
+    from msclip.data import build_train_data
 
-    d = recipe.data
-    spec = DataSpec(kind=d.kind, path=d.path, num_samples=d.num_samples, resampled=d.resampled,
-                    csv_image_key=d.csv_image_key, csv_caption_key=d.csv_caption_key,
-                    csv_separator=d.csv_separator, image_root=d.image_root,
-                    caption_templates=d.caption_templates, fashion_mnist_root=d.fashion_mnist_root, split="train")
-    return build_train_data(spec, image_transform=train_tf, tokenizer=tokenizer, batch_size=d.batch_size,
-                            workers=d.workers, rank=env.rank, world_size=env.world_size, seed=recipe.seed, epoch=0)
+    # the recipe's data section is the pipeline's DataSpec; batch_size and workers come from it
+    return build_train_data(recipe.data, image_transform=train_tf, tokenizer=tokenizer, rank=env.rank,
+                            world_size=env.world_size, seed=recipe.seed, epoch=0)
 
 
 def _zeroshot(recipe: Recipe, eval_tf: Any, tokenizer: Any, env: D.DistEnv,
@@ -303,35 +298,3 @@ def _gather_objects(obj: Any, env: D.DistEnv) -> list[Any]:
     out: list[Any] = [None] * env.world_size
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="msclip train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="recipe YAML (fields not in it keep their defaults)")
-    args, rest = parser.parse_known_args(argv)
-    return run_from_cli(args.config, rest)
-
-
-def run_from_cli(config: str | None, overrides: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        recipe = load_recipe(config, overrides)
-    except RecipeError as e:
-        print(f"msclip train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = train(recipe)
-    except NonFiniteLossError as e:
-        print(f"msclip train: stopped: {e}", file=sys.stderr)
-        return 3
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run folder: {result.run_dir} ({result.state.step} steps, {result.wall_s:.1f} s)")
-        if result.exported:
-            print(f"weights: {result.exported} (msclip.create_model({recipe.model!r}, pretrained=...))")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from msclip.model import MSCLIP
 from msclip.train.recipe import OptimRecipe
 
 GROUP_NAMES = ("decay", "no_decay", "shared_decay", "shared_no_decay")
@@ -21,10 +22,10 @@ def scaled_lr(lr: float, cfg: OptimRecipe, global_batch: int) -> float:
     return lr * global_batch / cfg.base_batch_size if cfg.scale_lr else lr
 
 
-def param_groups(model: nn.Module, cfg: OptimRecipe, global_batch: int = 0) -> list[dict[str, Any]]:
+def param_groups(model: MSCLIP, cfg: OptimRecipe, global_batch: int = 0) -> list[dict[str, Any]]:
     """Group ``model``'s trainable parameters; each group carries ``name`` and ``base_lr``."""
-    modality = model.param_modality() if hasattr(model, "param_modality") else {}
-    no_wd = set(model.no_weight_decay_names()) if hasattr(model, "no_weight_decay_names") else set()
+    modality = model.param_modality()
+    no_wd = model.no_weight_decay_names()
     lr = scaled_lr(cfg.lr, cfg, global_batch)
     lr_sh = scaled_lr(cfg.lr if cfg.lr_shared is None else cfg.lr_shared, cfg, global_batch)
     wd_sh = cfg.weight_decay if cfg.weight_decay_shared is None else cfg.weight_decay_shared
@@ -38,7 +39,7 @@ def param_groups(model: nn.Module, cfg: OptimRecipe, global_batch: int = 0) -> l
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        shared = modality.get(name) == "shared" or ".shared." in f".{name}."
+        shared = modality[name] == "shared"
         decay = name not in no_wd and p.ndim >= 2
         key = ("shared_" if shared else "") + ("decay" if decay else "no_decay")
         buckets[key].append(p)
@@ -57,7 +58,7 @@ def group_param_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[st
     return {g["name"]: [by_id[id(p)] for p in g["params"]] for g in groups}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimRecipe, global_batch: int,
+def build_optimizer(model: MSCLIP, cfg: OptimRecipe, global_batch: int,
                     device: torch.device) -> torch.optim.AdamW:
     groups = param_groups(model, cfg, global_batch)
     # fused AdamW only on CUDA; on CPU the default foreach path is the fast one
