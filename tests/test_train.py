@@ -194,7 +194,7 @@ def test_ddp_wrap_on_cpu_has_no_device_ids(tmp_path: Path, one_thread: None) -> 
 
 @pytest.mark.dist
 def test_torchrun_two_process_gloo_smoke(tmp_path: Path) -> None:
-    run_torchrun(["-m", "msclip.commands.train",
+    run_torchrun(["-m", "msclip", "train",
                   "--model", TINY, "--train.steps", "2", "--name", "ddp", "--output_dir", str(tmp_path),
                   "data.kind=synthetic", "data.num_samples=32", "data.batch_size=4", "data.workers=0",
                   "train.precision=fp32", "log.progress=false", "log.tensorboard=false", "checkpoint.every=1"])

@@ -120,7 +120,7 @@ def test_resume_with_another_number_of_processes(tmp_path: Path) -> None:
     base = dict(train__steps=2, data__num_samples=32, data__batch_size=4, checkpoint={"every": 1, "keep_last": 10})
     one = train(tiny_recipe(tmp_path, "one", **base))  # 8 batches per epoch; ends mid-epoch at batch 2
     assert one.state.samples_seen == 8
-    run_torchrun(["-m", "msclip.commands.train", "--model", TINY, "--name", "two", "--output_dir", str(tmp_path),
+    run_torchrun(["-m", "msclip", "train", "--model", TINY, "--name", "two", "--output_dir", str(tmp_path),
                   "--resume", one.last_checkpoint, "train.steps=4", "train.precision=fp32", "train.threads=1",
                   "data.kind=synthetic", "data.num_samples=32", "data.batch_size=4", "data.workers=0",
                   "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup=1", "checkpoint.every=1",
