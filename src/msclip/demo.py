@@ -1,13 +1,13 @@
-"""``make demo`` / ``python -m msclip.demo``: pre-train a tiny MS-CLIP-S and a CLIP baseline (same depth, width
+"""``msclip demo`` / ``make demo`` / ``python -m msclip.demo``: pre-train a tiny MS-CLIP-S and a CLIP baseline (same depth, width
 and step budget) on Fashion-MNIST captions, evaluate both zero-shot on the 10k test images with prompt
-ensembling, and write a report folder (markdown, PNG plots, resolved recipes, checkpoints)."""
+ensembling (eval/in_training.py: the path `msclip zeroshot` and the trainer use), and write a report folder
+(markdown, PNG plots, resolved recipes, checkpoints). The two recipes ship in the package (msclip/recipes/)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from msclip import io as mio
+
 RECIPES = {"MS-CLIP-S": "demo-fmnist-msclip-s.yaml", "CLIP": "demo-fmnist-clip.yaml"}
-_REPO = Path(__file__).resolve().parents[2]
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: found from any working directory
 
 
 def _check_data() -> bool:
@@ -99,19 +101,18 @@ def plan_budget(recipes: dict[str, Any], budget_s: float, overhead_s: float = 75
     return threads, steps
 
 
-def _final_zeroshot(model: Any, recipe: Any, precision: Any) -> dict[str, float]:
-    """Prompt-ensembled zero-shot top-1 on all 10,000 test images, plus per-class accuracy."""
+def final_zeroshot(model: Any, recipe: Any, autocast: Any = None, num_samples: int | None = None) -> dict[str, Any]:
+    """Prompt-ensembled zero-shot on the Fashion-MNIST test images (all 10,000 by default), with per-class
+    recall: eval/in_training's task for the recipe, scored by eval/zeroshot (percent, `_pct` keys)."""
     import msclip
-    from msclip.data.fashion_mnist import DEFAULT_CAPTION_TEMPLATES, FASHION_MNIST_CLASSNAMES
-    from msclip.train.evaluate import ZeroShotEvaluator, fashion_mnist_eval_set
+    from msclip.data.fashion_mnist import FASHION_MNIST_CLASSNAMES
+    from msclip.eval.in_training import ZeroShotEvaluator, recipe_task
 
     _, _, eval_tf = msclip.create_model_and_transforms(recipe.model)
-    ds, classnames = fashion_mnist_eval_set(eval_tf, None)
-    templates = recipe.zeroshot.templates or list(DEFAULT_CAPTION_TEMPLATES)
-    ev = ZeroShotEvaluator(ds, classnames, templates, msclip.get_tokenizer(recipe.model), torch.device("cpu"),
-                           precision.autocast, batch_size=500, per_class=True)
-    out = ev(model)
-    out["templates"] = len(templates)
+    task = recipe_task(recipe, eval_tf, num_samples)
+    ev = ZeroShotEvaluator(task, msclip.get_tokenizer(recipe.model), torch.device("cpu"), autocast, batch_size=500)
+    out = ev.full(model)
+    out["templates"] = len(task.templates.templates)
     out["display_names"] = list(FASHION_MNIST_CLASSNAMES)
     return out
 
@@ -126,22 +127,22 @@ def _plot(runs: dict[str, dict], out: Path) -> list[str]:
 
     files = []
     for key, ylabel, fname in (("loss", "contrastive loss (training batch)", "loss.png"),
-                               ("top1", "zero-shot top-1 (1,000 test images)", "accuracy.png")):
+                               ("top1_pct", "zero-shot top-1 % (1,000 test images)", "accuracy.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, run in runs.items():
             kind = "train" if key == "loss" else "zeroshot"
             recs = read_metrics(run["run_dir"], kind)
             ax.plot([r["step"] for r in recs], [r[key] for r in recs], marker="" if key == "loss" else "o",
                     label=label)
-        if key == "top1":
-            ax.axhline(0.1, color="grey", linestyle=":", label="chance (10 %)")
-            ax.set_ylim(0, 1)
+        if key == "top1_pct":
+            ax.axhline(10.0, color="grey", linestyle=":", label="chance (10 %)")
+            ax.set_ylim(0, 100)
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        mio.atomic_write(out / fname, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
         files.append(fname)
     return files
@@ -164,10 +165,10 @@ def _report(runs: dict[str, dict], out: Path, plots: list[str], wall: float, thr
         z, res = r["zeroshot"], r["result"]
         rows.append(f"| {label} (`{r['recipe'].model}`) | {r['params']['total'] / 1e6:.2f} M "
                     f"({r['params']['shared'] / 1e6:.2f} M) | {res.state.step} x {r['batch']} | {res.wall_s:.0f} s | "
-                    f"{r['sps']:.0f} | {r['final_loss']:.3f} | **{100 * z['top1']:.1f} %** | "
-                    f"{100 * z['top5']:.1f} % | {100 * z['mean_per_class_recall']:.1f} % |")
+                    f"{r['sps']:.0f} | {r['final_loss']:.3f} | **{z['top1_pct']:.1f} %** | "
+                    f"{z['top5_pct']:.1f} % | {z['mean_per_class_recall_pct']:.1f} % |")
     (a, ra), (b, rb) = list(runs.items())
-    diff = 100 * (ra["zeroshot"]["top1"] - rb["zeroshot"]["top1"])
+    diff = ra["zeroshot"]["top1_pct"] - rb["zeroshot"]["top1_pct"]
     winner = f"{a} is ahead by {diff:.1f} points" if diff > 0 else f"{b} is ahead by {-diff:.1f} points"
     lines = [
         "# msclip demo: MS-CLIP-S vs CLIP on Fashion-MNIST", "",
@@ -175,7 +176,8 @@ def _report(runs: dict[str, dict], out: Path, plots: list[str], wall: float, thr
         f"{threads} torch thread(s), precision {ra['result'].precision}. "
         "Pre-training pairs: the 60,000 training images with captions drawn from templates around the class "
         "names; zero-shot: all 10,000 test images, classifier = per-class mean of the normalised text "
-        f"embeddings of {ra['zeroshot']['templates']} prompt templates (the caption templates). Chance is 10 %.", "",
+        f"embeddings of {ra['zeroshot']['templates']} prompt templates (the caption templates). Chance is 10 %. "
+        "`msclip zeroshot --templates fashion_mnist` on the same checkpoint and images gives the same numbers.", "",
         *rows, "",
         f"Measured, single seed, short budget: {winner}. A run this short says little about the full-scale "
         "comparison in the paper; rerun with more steps (train.steps=...) to see where the curves go.", "",
@@ -188,9 +190,7 @@ def _report(runs: dict[str, dict], out: Path, plots: list[str], wall: float, thr
         "- per-class zero-shot accuracy (recall): see `zeroshot.md`", "",
         "Load the weights: `msclip.create_model(\"<model>\", pretrained=\"<run folder>/model.safetensors\")`.",
     ]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return mio.write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: Path | None = None,
@@ -203,7 +203,7 @@ def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: P
     t0 = time.perf_counter()
     out = Path(out_root) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
-    recipes_dir = recipes_dir or _REPO / "recipes"
+    recipes_dir = Path(recipes_dir) if recipes_dir else RECIPES_DIR
     recipes = {label: load_recipe(recipes_dir / fname) for label, fname in RECIPES.items()}
     threads = None
     if steps is None:  # fit the budget on this machine; both models get the same number of steps
@@ -222,11 +222,11 @@ def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: P
         res = train(recipe)
         model = msclip.create_model(recipe.model, pretrained=res.exported)
         precision = get_precision(recipe.train.precision, torch.device("cpu"))
-        zs = _final_zeroshot(model, recipe, precision)
-        print(f"[demo] {label}: zero-shot top-1 {100 * zs['top1']:.1f} % on {zs['num_images']} test images "
+        zs = final_zeroshot(model, recipe)  # fp32, as `msclip zeroshot` runs by default: the same number
+        print(f"[demo] {label}: zero-shot top-1 {zs['top1_pct']:.1f} % on {zs['images']} test images "
               f"({res.wall_s:.0f} s of training)", flush=True)
         copy = out / f"recipe-{Path(fname).stem}.yaml"
-        shutil.copy(res.run_dir / "recipe.yaml", copy)
+        mio.write_bytes(copy, (res.run_dir / "recipe.yaml").read_bytes())
         tail = res.losses[-10:] or [float("nan")]
         runs[label] = {"recipe": recipe, "result": res, "run_dir": res.run_dir, "zeroshot": zs,
                        "params": model.parameter_counts(), "batch": recipe.data.batch_size,
@@ -242,13 +242,12 @@ def _per_class(runs: dict[str, dict], out: Path) -> None:
     names = next(iter(runs.values()))["zeroshot"]["display_names"]
     lines = ["| class | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r['zeroshot']['per_class'][i]:.1f} %"
+        lines.append(f"| {name} | " + " | ".join(f"{r['zeroshot']['per_class'][i]['recall_pct']:.1f} %"
                                                   for r in runs.values()) + " |")
-    (out / "zeroshot.md").write_text("# Zero-shot recall per class (10,000 test images)\n\n" + "\n".join(lines) + "\n")
+    mio.write_text(out / "zeroshot.md", "# Zero-shot recall per class (10,000 test images)\n\n" + "\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msclip.demo", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="step budget for both models (default: the recipes', capped to fit --budget-min)")
     parser.add_argument("--budget-min", type=float, default=8.5,
@@ -257,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="count the budget from this moment (`make demo` passes its own start, so that "
                              "the set-up of a fresh machine is inside the budget)")
     parser.add_argument("--out", default="reports", help="parent folder of the report (default: reports)")
-    parser.add_argument("--recipes", type=Path, default=None, help="folder with the demo recipes")
-    args = parser.parse_args(argv)
+    parser.add_argument("--recipes", type=Path, default=None,
+                        help="folder with the two demo recipes (default: the ones shipped in the package)")
+
+
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not _check_data():
         return 1
@@ -271,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[demo] done in {(time.perf_counter() - t0) / 60:.1f} min{total}. Report: {report}")
     print(report.read_text().split("\n\n")[2])  # the results table
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m msclip.demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
