@@ -61,7 +61,7 @@ def test_linprobe_cache_and_compare(tmp_path, capsys):
     assert main(["linprobe"] + args) == 0
     rep = json.loads(out_a.read_text())
     colors = rep["datasets"]["colors"]
-    assert colors["status"] == "ok" and colors["score"] >= 75.0  # random features still separate two colours
+    assert colors["status"] == "ok" and colors["score_pct"] >= 75.0  # random features still separate two colours
     assert colors["skipped_corrupt"] == {"train": 0, "test": 1} and colors["n_test"] == 8
     assert rep["datasets"]["cifar10"]["status"] == "missing" and rep["n_ok"] == 1
     assert "| colors | accuracy |" in (tmp_path / "a.md").read_text()

@@ -115,13 +115,13 @@ def test_missing_dataset_is_reported_and_the_suite_continues(tmp_path):
 
     run = S.run_suite(entries, featurize, probe)
     good = run.results["good"]
-    assert good["status"] == "ok" and good["score"] == pytest.approx(100.0)
+    assert good["status"] == "ok" and good["score_pct"] == pytest.approx(100.0)
     assert good["skipped_corrupt"] == {"train": 0, "test": 1} and good["n_test"] == 6
     assert "C" in good["hparam"] and good["num_classes"] == 2
     miss = run.results["cifar10"]
     assert miss["status"] == "missing" and "torchvision.datasets.CIFAR10" in miss["expected_layout"]
     assert run.results["broken"]["status"] == "missing"
-    assert run.summary() == {"mean": pytest.approx(100.0), "n_ok": 1, "n_missing": 2, "n_error": 0}
+    assert run.summary() == {"mean_pct": pytest.approx(100.0), "n_ok": 1, "n_missing": 2, "n_error": 0}
 
 
 def test_feature_cache_is_reused_and_keyed_by_checkpoint(tmp_path):

@@ -118,13 +118,10 @@ def final_zeroshot(model: Any, recipe: Any, autocast: Any = None, num_samples: i
 
 
 def _plot(runs: dict[str, dict], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from msclip.analysis.plots import pyplot, save_figure
     from msclip.train.logger import read_metrics
 
+    plt = pyplot()
     files = []
     for key, ylabel, fname in (("loss", "contrastive loss (training batch)", "loss.png"),
                                ("top1_pct", "zero-shot top-1 % (1,000 test images)", "accuracy.png")):
@@ -142,8 +139,7 @@ def _plot(runs: dict[str, dict], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        mio.atomic_write(out / fname, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
+        save_figure(fig, out / fname)
         files.append(fname)
     return files
 

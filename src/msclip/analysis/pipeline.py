@@ -19,9 +19,9 @@ from typing import Any, Sequence
 import torch
 
 from msclip import io as mio
-from msclip.data.formats import is_image_file
 from msclip.errors import MissingFileError, MsclipError
 from msclip.eval.features import SafeDataset, encode_tokens, extract_image_features, progress_bar
+from msclip.eval.imagefolder import scan_images
 from msclip.eval.loading import eval_transform
 from msclip.eval.retrieval import ImageSource
 
@@ -50,7 +50,7 @@ def read_inputs(images: str, texts: str, max_samples: int | None = None) -> Anal
     """Image paths (a folder, searched recursively, or a file listing paths) and captions (one per line)."""
     p = Path(images)
     if p.is_dir():
-        paths = sorted(str(f) for f in p.rglob("*") if is_image_file(f))
+        paths = scan_images(p)
     elif p.is_file():
         paths = [str(p.parent / ln.strip()) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     else:

@@ -73,11 +73,10 @@ def _entries(args: argparse.Namespace) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from msclip import io as mio
-    from msclip.eval.features import (SafeDataset, bf16_autocast, cache_key, cached, default_cache_dir,
-                                      extract_image_features)
+    from msclip.eval.features import bf16_autocast, default_cache_dir
     from msclip.eval.linear_probe import run_probe
     from msclip.eval.loading import eval_transform, load_model, model_report, resolve_checkpoint
-    from msclip.eval.suite import limit_dataset, run_suite
+    from msclip.eval.suite import CachedFeaturizer, run_suite
 
     check_sizes(args)
     entries = _entries(args)
@@ -85,22 +84,16 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.model, args.pretrained)
     torch.manual_seed(args.seed)  # random-init weights are then reproducible, so caching them is sound
     model = load_model(args.model, checkpoint, device, args.precision)
-    transform = eval_transform(model)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     encode = functools.partial(model.encode_image, project=args.features == "embedding")
     extra = {"precision": args.precision, "amp": args.amp, "limit": args.limit, "features": args.features,
              "image_size": model.cfg.vision.image_size, "seed": args.seed if checkpoint is None else None}
 
-    def featurize(spec, root, role, ds):
-        ds = limit_dataset(ds, args.limit, args.seed)
-        key = cache_key(args.model, checkpoint, spec.name, role, str(root), extra)
-        res, hit = cached(cache_dir, key, lambda: extract_image_features(
-            encode, SafeDataset(ds, transform), device, batch_size=args.batch_size, workers=args.workers,
-            autocast=bf16_autocast(device) if args.amp else None, progress=progress_flag(args),
-            desc=f"{spec.name}/{role}"))
-        print(f"{spec.name}/{role}: {len(res['features'])} features ({'cache' if hit else 'extracted'})"
-              + (f", {res['skipped']} unreadable images skipped" if res["skipped"] else ""), file=sys.stderr)
-        return res
+    featurize = CachedFeaturizer(
+        encode, eval_transform(model), device, model_name=args.model, checkpoint=checkpoint, cache_dir=cache_dir,
+        extra=extra, limit=args.limit, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
+        autocast=bf16_autocast(device) if args.amp else None, progress=progress_flag(args),
+        report=lambda line: print(line, file=sys.stderr))
 
     if args.protocol == "clip":
         kw = {"max_iter": args.max_iter, "tol": args.tol, "patience": None if args.full_sweep else 3}
@@ -110,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                               normalize=not args.no_normalize, device=args.probe_device or device, **kw)
     result = run_suite(entries, featurize, probe, args.seed)
     report = {"task": "linprobe", **model_report(args.model, model, checkpoint, device, args.precision),
-              "protocol": args.protocol, "suite": args.suite, "score_unit": "percent",
+              "protocol": args.protocol, "suite": args.suite,
               "settings": {"features": args.features, "val_fraction": args.val_fraction,
                            "normalize": not args.no_normalize, "amp": args.amp,
                            "limit": args.limit, "seed": args.seed, **kw},
@@ -135,16 +128,16 @@ def format_markdown(report: dict) -> str:
     ck = report.get("checkpoint") or {}
     lines = [f"Linear probe ({report['protocol']} protocol), model `{report['model']['spec']}`, checkpoint "
              f"`{ck.get('path', 'none: random weights')}`", "",
-             "| dataset | metric | score | hyper-parameter | train | val | test | skipped | status |",
+             "| dataset | metric | score % | hyper-parameter | train | val | test | skipped | status |",
              "|---|---|---:|---|---:|---:|---:|---:|---|"]
     for name, r in report["datasets"].items():
         if r.get("status") == "ok":
             skipped = sum(r.get("skipped_corrupt", {}).values())
-            lines.append(f"| {name} | {r['metric']} | {r['score']:.2f} | {_hp(r)} | {r['n_train']} | {r['n_val']} "
+            lines.append(f"| {name} | {r['metric']} | {r['score_pct']:.2f} | {_hp(r)} | {r['n_train']} | {r['n_val']} "
                          f"| {r['n_test']} | {skipped} | ok |")
         else:
             lines.append(f"| {name} | | | | | | | | {r.get('status')} |")
-    mean = report.get("mean")
+    mean = report.get("mean_pct")
     lines.append(f"| **mean ({report.get('n_ok', 0)} datasets)** | | {'' if mean is None else f'{mean:.2f}'} "
                  "| | | | | | |")
     return "\n".join(lines)

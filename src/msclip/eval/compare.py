@@ -1,6 +1,6 @@
 """Two result files side by side as a markdown table (what `msclip compare` prints).
 
-Linear-probe results are compared per dataset (score, chosen hyper-parameter, difference) with the mean
+Linear-probe results are compared per dataset (score in percent, chosen hyper-parameter, difference) with the mean
 over the datasets both runs scored; other results (zero-shot, retrieval, analysis) by their numeric
 metrics, whose keys carry their unit (`top1_pct`, `image_to_text_R@1_pct`, ...).
 """
@@ -65,8 +65,8 @@ def compare(a: dict, b: dict, names: tuple[str, str]) -> str:
         both = []
         for name in list(da) + [n for n in db if n not in da]:
             ra, rb = da.get(name, {}), db.get(name, {})
-            sa = ra.get("score") if ra.get("status") == "ok" else None
-            sb = rb.get("score") if rb.get("status") == "ok" else None
+            sa = ra.get("score_pct") if ra.get("status") == "ok" else None
+            sb = rb.get("score_pct") if rb.get("status") == "ok" else None
             if sa is not None and sb is not None:
                 both.append((sa, sb))
             metric = ra.get("metric") or rb.get("metric") or ""

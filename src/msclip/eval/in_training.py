@@ -87,7 +87,7 @@ def recipe_task(recipe: "Recipe", transform: Callable, num_samples: int | None =
     if z.kind == "folder":
         if not z.path:
             raise MsclipError("zeroshot.kind=folder needs zeroshot.path (a folder of class sub-folders)")
-        return folder_task(z.path, transform, num_samples, getattr(z, "classnames", None), z.templates)
+        return folder_task(z.path, transform, num_samples, z.classnames, z.templates)
     if z.kind == "fashion_mnist":
         return fashion_mnist_task(transform, num_samples, recipe.data.fashion_mnist_root, z.templates)
     raise MsclipError(f"zeroshot.kind={z.kind!r} is not one of null, folder, fashion_mnist")

@@ -21,7 +21,7 @@ from msclip.errors import MissingFileError
 
 from . import suite_datasets as sd
 
-log = logging.getLogger("msclip.eval")
+log = logging.getLogger(__name__)
 
 DIGITS = tuple(str(i) for i in range(10))
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -256,8 +256,8 @@ class SuiteRun:
 
     def summary(self) -> dict:
         ok = {k: v for k, v in self.results.items() if v.get("status") == "ok"}
-        mean = sum(v["score"] for v in ok.values()) / len(ok) if ok else None
-        return {"mean": mean, "n_ok": len(ok),
+        mean = sum(v["score_pct"] for v in ok.values()) / len(ok) if ok else None
+        return {"mean_pct": mean, "n_ok": len(ok),
                 "n_missing": sum(v.get("status") == "missing" for v in self.results.values()),
                 "n_error": sum(v.get("status") == "error" for v in self.results.values())}
 
@@ -284,14 +284,17 @@ def run_suite(entries: list[tuple[DatasetSpec, Path]],
             res = probe(train=pair["train"], val=pair.get("val"), test=pair["test"], metric=spec.metric,
                         multilabel=spec.multilabel)
             names = classnames_of(spec, splits["train"])
-            res.update(status="ok", root=str(root), score=100.0 * res["score"], val_score=100.0 * res["val_score"],
+            # the probe returns fractions; the report holds percent, with the unit in the key
+            res.update(status="ok", root=str(root), score_pct=100.0 * res.pop("score"),
+                       val_score_pct=100.0 * res.pop("val_score"),
                        layout=getattr(splits["train"], "layout", "torchvision"),
                        num_classes=len(names) if names else None,
                        skipped_corrupt={r: f["skipped"] for r, f in feats.items()},
                        time_s={"features": t1 - t0, "probe": time.perf_counter() - t1})
-            res["search"] = [{**h, "val": 100.0 * h["val"]} for h in res.get("search", [])]
+            res["search"] = [{**{k: v for k, v in h.items() if k != "val"}, "val_pct": 100.0 * h["val"]}
+                             for h in res.get("search", [])]
             run.results[spec.name] = res
-            log.info("%s: %s %.2f", spec.name, spec.metric, res["score"])
+            log.info("%s: %s %.2f %%", spec.name, spec.metric, res["score_pct"])
         except Exception as e:  # noqa: BLE001 - one broken dataset must not stop the suite
             log.error("%s failed: %s", spec.name, e)
             run.results[spec.name] = {"status": "error", "root": str(root), "error": f"{type(e).__name__}: {e}",
@@ -305,3 +308,29 @@ def limit_dataset(ds: Any, limit: int | None, seed: int = 0) -> Any:
         return ds
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
     return torch.utils.data.Subset(ds, idx.tolist())
+
+
+class CachedFeaturizer:
+    """`featurize(spec, root, role, ds)` for run_suite: the shared image-feature loop over a split (limited
+    to `limit` samples), cached on disk per (model, checkpoint, dataset, split, root, `extra`)."""
+
+    def __init__(self, encode: Callable, transform: Callable, device: torch.device, *, model_name: str,
+                 checkpoint: str | None, cache_dir: str | Path | None, extra: dict, limit: int | None = None,
+                 seed: int = 0, batch_size: int = 64, workers: int = 0, autocast: Callable | None = None,
+                 progress: bool | None = None, report: Callable[[str], None] = log.info):
+        self.encode, self.transform, self.device = encode, transform, device
+        self.model_name, self.checkpoint, self.cache_dir, self.extra = model_name, checkpoint, cache_dir, extra
+        self.limit, self.seed, self.batch_size, self.workers = limit, seed, batch_size, workers
+        self.autocast, self.progress, self.report = autocast, progress, report
+
+    def __call__(self, spec: DatasetSpec, root: Path, role: str, ds: Any) -> dict:
+        from .features import SafeDataset, cache_key, cached, extract_image_features
+
+        ds = limit_dataset(ds, self.limit, self.seed)
+        key = cache_key(self.model_name, self.checkpoint, spec.name, role, str(root), self.extra)
+        res, hit = cached(self.cache_dir, key, lambda: extract_image_features(
+            self.encode, SafeDataset(ds, self.transform), self.device, batch_size=self.batch_size,
+            workers=self.workers, autocast=self.autocast, progress=self.progress, desc=f"{spec.name}/{role}"))
+        self.report(f"{spec.name}/{role}: {len(res['features'])} features ({'cache' if hit else 'extracted'})"
+                    + (f", {res['skipped']} unreadable images skipped" if res["skipped"] else ""))
+        return res
