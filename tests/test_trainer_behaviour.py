@@ -1,6 +1,7 @@
-"""Trainer promises, each checked end to end on tiny models: gradient accumulation equals one big batch, DDP keeps ranks identical,
-the logit-scale clamp, epochs -> steps, the recipe lr on resume, resume with another number of processes,
-and in-training zero-shot at the steps the recipe names. CPU, fp32, one thread."""
+"""Trainer promises, each checked end to end on tiny models: gradient accumulation equals one big batch,
+DDP keeps the ranks' weights identical, the logit-scale clamp, epochs -> steps, the recipe lr on resume,
+resume with another number of processes, and in-training zero-shot at the steps the recipe names.
+CPU, fp32, one thread."""
 from __future__ import annotations
 
 import json
