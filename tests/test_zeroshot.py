@@ -96,7 +96,7 @@ def test_templates_and_imagenet_names(tmp_path):
     assert len(t80.templates) == 80 and t80.templates[0] == "a bad photo of a {}." and len(simple.templates) == 7
     names = imagenet_classnames()
     assert len(names) == 1000 and names[0] == "tench" and len(set(names)) == 998
-    # Identical to the official lists (spec 11.2 gives the sha256 prefixes of the newline-joined lists).
+    # Identical to the official lists: the sha256 prefixes of the newline-joined official lists.
     assert t80.sha256.startswith("4f976686")
     assert hashlib.sha256("\n".join(names).encode()).hexdigest().startswith("571ae1c5")
     f = tmp_path / "t.txt"

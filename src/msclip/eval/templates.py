@@ -1,7 +1,7 @@
 """Prompt templates, the one prompt filler, and ImageNet class names for zero-shot classification.
 
 The ImageNet class names and the 80 OpenAI templates are exactly the lists the official MS-CLIP
-zero-shot script (`tools/zero_shot.py` of the official release) uses; open_clip_torch ships identical
+zero-shot script uses; open_clip_torch ships identical
 copies, so they are read from its `zero_shot_metadata` rather than duplicated here (checked by sha256 in
 tests/test_zeroshot.py).
 
