@@ -199,3 +199,21 @@ def test_official_zero_lr_share_means_unset(tmp_path):
     r = recipe_from_dict({"model": str(path), "train": {"steps": 1}}, source="test")
     assert r.optim.lr_shared is None  # 0 = unset: the shared groups take optim.lr
     assert r.optim.weight_decay_shared == 0.0  # a written WD_SHARE is used, 0 included
+
+
+# --- docs/training.md ------------------------------------------------------------------------------------
+
+def test_training_doc_lists_every_recipe_field_with_its_default():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_table", REPO / "scripts" / "recipe_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    doc = (REPO / "docs" / "training.md").read_text()
+    from msclip.train.recipe import field_paths
+
+    for path in field_paths():
+        assert f"| `{path}` |" in doc, f"docs/training.md does not list recipe field {path}"
+    assert table.current_block(doc) == table.table(), \
+        "docs/training.md's field table is stale: run python scripts/recipe_table.py --write"
+    assert all(note for *_, note in table.rows()), "every recipe field needs a comment saying its values"

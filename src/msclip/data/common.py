@@ -40,14 +40,16 @@ class DataSpec:
 
     kind: str = "synthetic"  # webdataset | csv | fashion_mnist | synthetic
     path: str | None = None  # shards (brace pattern, pipe:, '::'-joined) or the csv/tsv file
-    num_samples: int | None = None  # webdataset epoch size (required when resampled); synthetic size
+    # webdataset: samples per epoch (null = counted from local shards; required when resampled or remote);
+    # synthetic: the data set size (null = 512)
+    num_samples: int | None = None
     resampled: bool = False  # webdataset: draw shards with replacement ("virtual epochs")
-    csv_image_key: str = "filepath"
-    csv_caption_key: str = "title"
-    csv_separator: str | None = None  # None: tab for .tsv, comma otherwise
+    csv_image_key: str = "filepath"  # csv: column with the image path
+    csv_caption_key: str = "title"  # csv: column with the caption
+    csv_separator: str | None = None  # csv: null = tab for .tsv, comma otherwise
     image_root: str | None = None  # base directory for relative csv image paths (default: the csv's)
-    caption_templates: list[str] | None = None  # fashion_mnist; None: DEFAULT_CAPTION_TEMPLATES
-    fashion_mnist_root: str | None = None  # None: the Debian package location
+    caption_templates: list[str] | None = None  # fashion_mnist: caption templates with `{}`; null = the 12 built-in
+    fashion_mnist_root: str | None = None  # null = $MSCLIP_FASHION_MNIST_ROOT or /usr/share/datasets/fashion-mnist
     split: str = "train"  # fashion_mnist: train | test
     shuffle_buffer: int = 1000  # webdataset sample shuffle buffer; 0 keeps shard order
     batch_size: int = 32  # per process

@@ -35,75 +35,77 @@ class RecipeError(MsclipError):
 
 @dataclass
 class OptimRecipe:
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    lr_shared: float | None = None  # modality-shared parameters (official LR_SHARE); null = lr
-    weight_decay_shared: float | None = None  # official WD_SHARE; null = weight_decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
+    lr: float = 5e-4  # peak learning rate (>= 0), per process when scale_lr
+    weight_decay: float = 0.2  # AdamW decoupled weight decay (>= 0); never on biases, norms, embeddings
+    # lr of the modality-shared parameters (>= 0); null = lr, or CUSTOM.LR_SHARE of an official model yaml
+    lr_shared: float | None = None
+    # weight decay of the shared parameters (>= 0); null = weight_decay, or an official yaml's CUSTOM.WD_SHARE
+    weight_decay_shared: float | None = None
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW (beta1, beta2), each in [0, 1)
+    eps: float = 1e-6  # AdamW epsilon (> 0)
     scale_lr: bool = False  # lr *= global_batch / base_batch_size (official: per-GPU lr x world size)
-    base_batch_size: int = 256
+    base_batch_size: int = 256  # the global batch at which lr applies unscaled (>= 1)
     schedule: str = "cosine"  # cosine | const
     unit: str = "steps"  # unit of warmup/cooldown: steps | epochs
-    warmup: float = 0.0
-    warmup_lr: float = 0.0
-    min_lr: float = 0.0
-    cooldown: float = 0.0  # final stretch held at min_lr
+    warmup: float = 0.0  # linear warm-up length in `unit`s (>= 0)
+    warmup_lr: float = 0.0  # lr at the start of the warm-up (>= 0)
+    min_lr: float = 0.0  # lr at the end of the cosine (>= 0)
+    cooldown: float = 0.0  # final stretch held at min_lr, in `unit`s (>= 0)
 
 
 @dataclass
 class TrainRecipe:
     steps: int | None = None  # optimiser steps; exactly one of steps / epochs
-    epochs: float | None = None
+    epochs: float | None = None  # passes over the data (> 0, may be fractional); converted to steps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    grad_checkpointing: bool = False
-    accum_freq: int = 1
-    grad_clip_norm: float | None = None
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, same result)
+    accum_freq: int = 1  # micro-batches per optimiser step (>= 1): the step sees accum_freq x batch_size
+    grad_clip_norm: float | None = None  # clip the global gradient norm to this (> 0); null = no clipping
     max_nonfinite: int = 5  # this many non-finite steps in a row stop the run
-    local_loss: bool = True
-    gather_with_grad: bool = True
-    deterministic: bool = False
+    local_loss: bool = True  # each rank scores its own rows against all gathered features (open_clip)
+    gather_with_grad: bool = True  # gradients flow through the all-gather (needed for exact DDP gradients)
+    deterministic: bool = False  # torch deterministic algorithms (slower; bit-reproducible runs)
     threads: int | None = None  # torch.set_num_threads; null = torch default
 
 
 @dataclass
 class CheckpointRecipe:
     every: int = 1000  # steps; 0 = only at the end
-    keep_last: int = 3
+    keep_last: int = 3  # train-state checkpoints kept (>= 1), older ones are deleted
     export: bool = True  # also write final weights loadable by msclip.create_model(pretrained=...)
 
 
 @dataclass
 class LogRecipe:
-    every: int = 10
-    progress: bool = True
-    tensorboard: bool = True
+    every: int = 10  # steps between log lines (> 0)
+    progress: bool = True  # progress bar on a terminal
+    tensorboard: bool = True  # also write TensorBoard events into the run folder
 
 
 @dataclass
 class ZeroShotRecipe:
     kind: str | None = None  # null | folder | fashion_mnist
-    path: str | None = None
+    path: str | None = None  # folder: ROOT/<class>/<image> (names such as `3_three` give "three")
     every: int = 0  # steps; 0 = only at the end
-    num_samples: int | None = None
+    num_samples: int | None = None  # evaluate on the first N images (>= 1); null = all
     # null: the kind's default set; a string: a builtin set name or a template file (as `msclip zeroshot
     # --templates`); a list: the templates themselves (each with a `{}` for the class name)
     templates: list[str] | str | None = None
     classnames: str | None = None  # folder: a class-name file (as `msclip zeroshot --classnames`)
-    batch_size: int = 256
+    batch_size: int = 256  # images per forward pass of the evaluation (>= 1)
 
 
 @dataclass
 class Recipe:
     model: str = "msclip-s-b32"  # named config or a model YAML/JSON file
-    pretrained: str | None = None
+    pretrained: str | None = None  # initial weights (msclip, official or open_clip file); null = random init
     logit_scale_init: float | None = None  # raw (log) value; null keeps the model's
     logit_scale_max: float | None = None  # raw clamp after each step; null = no clamp
     name: str | None = None  # run folder name; null = <timestamp>-<model>
-    output_dir: str = "runs"
-    resume: str | None = None  # latest | PATH
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "runs"  # parent of the run folders
+    resume: str | None = None  # null | latest (needs name) | PATH of a checkpoint or run folder
+    seed: int = 0  # one seed for init, data order, augmentation and captions
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimRecipe = field(default_factory=OptimRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
