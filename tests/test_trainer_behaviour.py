@@ -153,3 +153,16 @@ def test_data_parallel_ranks_keep_identical_weights(tmp_path: Path) -> None:
         ranks = [json.loads((tmp_path / f"rank{r}_step{step}.json").read_text()) for r in (0, 1)]
         assert ranks[0] == ranks[1], step
         assert ranks[0]["logit_scale"] != pytest.approx(init_scale, abs=1e-6)  # the weights did move
+
+
+def test_resume_at_an_epoch_boundary_is_exact(tmp_path: Path) -> None:
+    # 16 samples / batch 8 = 2 steps per epoch: the step-2 checkpoint ends epoch 0 (no epoch RNG is saved,
+    # the RNG at the save must be restored before epoch 1 draws its shuffle and crops)
+    common = dict(train__steps=3, data__num_samples=16, checkpoint={"every": 2, "keep_last": 3})
+    full = train(tiny_recipe(tmp_path, "full", **common))
+    train(tiny_recipe(tmp_path, "cut", **common), stop_after=2)
+    resumed = train(tiny_recipe(tmp_path, "cut", resume=str(tmp_path / "cut" / "checkpoints" / "step_00000002.pt"),
+                                **common))
+    assert resumed.state.step == 3 and len(resumed.losses) == 1 and resumed.losses == full.losses[2:]
+    a, b = (load_train_state(r.last_checkpoint)["model"] for r in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
