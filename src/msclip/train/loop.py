@@ -170,7 +170,7 @@ class TrainLoop:
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> MicroBatch:
         images, tokens = batch
         dev = self.env.device
-        # the one trim of the step; the model's rule (rounded lengths), done before the copy
+        # cut to the longest caption on the CPU, before the copy, with the model's rule (rounded lengths)
         tokens = self.unwrapped.trim_tokens(tokens)
         return images.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True)
 
