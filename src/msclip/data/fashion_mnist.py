@@ -6,7 +6,6 @@ zero-shot evaluation on the 10k test images. Nothing is downloaded.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ FASHION_MNIST_CLASSNAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat
 FASHION_MNIST_CAPTION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                                "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
-# `{}` is the class name; render_caption turns "a" into "an" before a vowel ("an ankle boot").
+# `{}` is the class name, filled by plain `str.format` as zero-shot prompts are (eval/templates.fill_template).
 DEFAULT_CAPTION_TEMPLATES = [
     "a photo of a {}.",
     "a {}, product photo.",
@@ -49,12 +48,6 @@ DEFAULT_CAPTION_TEMPLATES = [
 
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-_ARTICLE = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
-
-
-def render_caption(template: str, classname: str) -> str:
-    """``template.format(classname)`` with the article fixed: "a {}" + "ankle boot" -> "an ankle boot"."""
-    return _ARTICLE.sub(r"\1n ", template.format(classname))
 
 
 def default_root() -> Path:
@@ -112,7 +105,7 @@ class FashionMNISTCaptions(torch.utils.data.Dataset):
 
     def caption(self, index: int, epoch: int) -> str:
         t = self.templates[mix_seed(self.seed, epoch, index) % len(self.templates)]
-        return render_caption(t, FASHION_MNIST_CAPTION_NAMES[int(self.labels[index])])
+        return t.format(FASHION_MNIST_CAPTION_NAMES[int(self.labels[index])])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
         epoch = self.epoch_value.value if self.epoch_value is not None else 0

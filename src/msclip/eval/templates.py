@@ -5,8 +5,8 @@ zero-shot script uses; open_clip_torch ships identical
 copies, so they are read from its `zero_shot_metadata` rather than duplicated here (checked by sha256 in
 tests/test_zeroshot.py).
 
-Every prompt is filled by `fill_template`: `template.format(name)` with the article fixed ("a" before a
-vowel becomes "an": "a photo of an ankle boot."), the rule the Fashion-MNIST training captions use.
+Every prompt is filled by `fill_template`: plain `template.format(name)`, as the official script does
+(no article rewriting: "a photo of a apple." stays, so ImageNet numbers match the official code's).
 """
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ class TemplateError(MsclipError):
 
 
 def fill_template(template: str, classname: str) -> str:
-    """The one prompt filler: ``template.format(classname)`` with "a" -> "an" before a vowel."""
-    from msclip.data.fashion_mnist import render_caption  # the training captions' rule, so prompts match them
-
-    return render_caption(template, classname)
+    """The one prompt filler: ``template.format(classname)``, the official rule. The Fashion-MNIST
+    training captions are filled the same way, so the demo's prompts are its captions."""
+    return template.format(classname)
 
 
 @dataclass(frozen=True)
