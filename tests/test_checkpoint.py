@@ -1,4 +1,6 @@
 """Checkpoint I/O: official round trip, strict and clear errors, safetensors, msclip format."""
+import os
+
 import pytest
 import torch
 
@@ -80,9 +82,18 @@ def test_missing_file(model):
         load_pretrained(model, "nowhere.pt")
 
 
-def test_wrapped_and_prefixed_state_dicts(model, tmp_path):
-    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ddp.pt")
-    load_pretrained(msclip.create_model(NAME), tmp_path / "ddp.pt")
+@pytest.mark.parametrize("wrapper,prefix", [("state_dict", "module."), ("model", "_orig_mod."),
+                                            (None, "module._orig_mod.")])
+def test_wrapped_and_prefixed_state_dicts(model, tmp_path, wrapper, prefix):
+    state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    torch.save(state if wrapper is None else {wrapper: state}, tmp_path / "ddp.pt")
+    torch.manual_seed(1)  # a different init, so equality below means the weights were loaded
+    other = msclip.create_model(NAME)
+    assert not torch.equal(other.image.proj, model.image.proj)
+    load_pretrained(other, tmp_path / "ddp.pt")
+    theirs = other.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(theirs[k], v), k
 
 
 def test_msclip_keys_strict(model):
@@ -93,10 +104,43 @@ def test_msclip_keys_strict(model):
 
 
 def test_loading_uses_weights_only(model, tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("executed",))
+    marker = tmp_path / "payload-ran"
 
-    torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError):
+    class Evil:
+        def __reduce__(self):  # unpickling calls os.mkdir(marker): visible proof that code ran
+            return (os.mkdir, (str(marker),))
+
+    state = dict(model.state_dict())
+    state["x"] = Evil()
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
         load_pretrained(model, tmp_path / "evil.pt")
+    assert not marker.exists(), "loading a checkpoint ran code from its pickle"
+
+
+def test_both_layouts_report_mismatches_alike(model):
+    """The msclip-layout and official-layout checks list problems in the same format, every one at once."""
+    own = dict(model.state_dict())
+    own.pop("logit_scale")
+    own["extra"] = torch.zeros(1)
+    own["image.proj"] = torch.zeros(3)
+    official = dict(to_official(model.state_dict(), model.cfg))
+    official.pop("logit_scale")
+    official["extra"] = torch.zeros(1)
+    official["visual.proj"] = torch.zeros(3)
+    messages = []
+    for state in (own, official):
+        with pytest.raises(CheckpointMismatch) as err:
+            convert_state_dict(state, model, source="ckpt.pt")
+        messages.append(str(err.value))
+    for msg, proj in zip(messages, ("image.proj", "visual.proj")):
+        assert msg.startswith(f"ckpt.pt does not fit model {NAME}:\n")
+        assert "  missing keys (1):\n    logit_scale" in msg
+        assert "  unexpected keys (1):\n    extra" in msg
+        assert f"  wrong shapes or types (1):\n    {proj}: checkpoint (3,) vs model (64, 32)" in msg
+
+
+def test_checkpoint_errors_are_user_errors():
+    from msclip.errors import MsclipError
+
+    assert issubclass(CheckpointError, MsclipError) and issubclass(CheckpointMismatch, MsclipError)

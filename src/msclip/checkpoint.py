@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +11,28 @@ import torch
 from torch import nn
 
 from .config import ModelCfg
-from .convert import CheckpointMismatch, from_official, looks_official, to_official
+from .convert import CheckpointMismatch, check_mismatch, from_official, looks_official, tensor_problem, to_official
+from .errors import MissingFileError, MsclipError
+from .io import atomic_write, torch_save
 
 FORMAT_VERSION = 1
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MsclipError):
     """A checkpoint file cannot be read or does not hold model weights."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Deprecated alias of `msclip.io.torch_save` (kept for `commands/analyze.py`)."""
+    torch_save(obj, path)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a weights file -> (flat state_dict, embedded model config or None)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -91,16 +79,9 @@ def convert_state_dict(state: dict[str, Any], model: nn.Module, source: str = "c
         return from_official(state, target, model.cfg, source)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
-             for k in target if k in state and isinstance(state[k], torch.Tensor)
-             and state[k].shape != target[k].shape]
-    not_tensor = [f"{k}: {type(state[k]).__name__}" for k in target if k in state
-                  and not isinstance(state[k], torch.Tensor)]
-    problems = [f"  {title} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
-                for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("wrong shapes", wrong), ("not tensors", not_tensor)) if items]
-    if problems:
-        raise CheckpointMismatch(f"{source} does not fit model {model.cfg.name or '(unnamed)'}:\n" + "\n".join(problems))
+    wrong = [p for k in target if k in state for p in [tensor_problem(k, state[k], target[k].shape)] if p]
+    check_mismatch(source, model.cfg.name, [("missing keys", missing), ("unexpected keys", unexpected),
+                                            ("wrong shapes or types", wrong)])
     return state
 
 
@@ -134,12 +115,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
         meta = {"msclip_config": json.dumps(config), "msclip_format": str(FORMAT_VERSION)}
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     else:
-        atomic_save({"msclip_format": FORMAT_VERSION, "model_config": config, "state_dict": state}, path)
+        torch_save({"msclip_format": FORMAT_VERSION, "model_config": config, "state_dict": state}, path)
 
 
 def save_official(model: nn.Module, path: str | os.PathLike) -> None:
     """Export to the official MS-CLIP layout (raw state_dict, shared tensors under both names)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save(to_official(state, model.cfg), path)
+    torch_save(to_official(state, model.cfg), path)

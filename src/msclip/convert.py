@@ -8,10 +8,12 @@ msclip key maps to one or more external names.
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 import torch
 
 from .config import ModelCfg
+from .errors import MsclipError
 
 # msclip component suffix -> key suffix inside an official/OpenAI residual block
 _BLOCK_SUFFIX = {
@@ -70,8 +72,39 @@ _TOWER_PREFIX = {"image": "visual.transformer.resblocks.{}.", "text": "transform
 _IGNORED_EXTERNAL = {"input_resolution", "context_length", "vocab_size", "attn_mask", "text.attn_mask"}
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(MsclipError):
     """Keys or shapes of a checkpoint do not fit the model; the message lists all of them."""
+
+
+def mismatch_report(source: str, model_name: str, problems: Iterable[tuple[str, list[str]]],
+                    shown: int = 20) -> str | None:
+    """The one format for "this checkpoint does not fit the model": a section per kind of problem
+    (title, items), at most `shown` items each. None when every list is empty."""
+    sections = []
+    for title, items in problems:
+        if items:
+            lines = "\n    ".join(items[:shown])
+            more = f"\n    ... and {len(items) - shown} more" if len(items) > shown else ""
+            sections.append(f"  {title} ({len(items)}):\n    {lines}{more}")
+    if not sections:
+        return None
+    return f"{source} does not fit model {model_name or '(unnamed)'}:\n" + "\n".join(sections)
+
+
+def check_mismatch(source: str, model_name: str, problems: Iterable[tuple[str, list[str]]]) -> None:
+    """Raise CheckpointMismatch listing every problem at once, if there is any."""
+    report = mismatch_report(source, model_name, problems)
+    if report is not None:
+        raise CheckpointMismatch(report)
+
+
+def tensor_problem(name: str, value: object, shape: tuple[int, ...]) -> str | None:
+    """Why `value` cannot be loaded as a tensor of `shape` (None when it can)."""
+    if not isinstance(value, torch.Tensor):
+        return f"{name}: not a tensor ({type(value).__name__})"
+    if tuple(value.shape) != tuple(shape):
+        return f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(shape)}"
+    return None
 
 
 def external_names(key: str, cfg: ModelCfg) -> list[str]:
@@ -116,27 +149,19 @@ def from_official(external: dict[str, torch.Tensor], model_state: dict[str, torc
                 missing.append(name)
                 continue
             used.add(name)
-            value = external[name]
-            if not isinstance(value, torch.Tensor):
-                wrong_shape.append(f"{name}: not a tensor ({type(value).__name__})")
+            problem = tensor_problem(name, external[name], target.shape)
+            if problem:
+                wrong_shape.append(problem)
                 continue
-            if tuple(value.shape) != tuple(target.shape):
-                wrong_shape.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
-                continue
-            values.append(value)
+            values.append(external[name])
         if len(values) == len(names) and values:
             if any(not torch.equal(values[0], v) for v in values[1:]):
                 disagree.append(" / ".join(names))
             out[key] = values[0]
     unexpected = sorted(k for k in external if k not in used and k not in _IGNORED_EXTERNAL)
-    problems = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("wrong shapes", wrong_shape), ("aliased copies of a shared tensor disagree", disagree)):
-        if items:
-            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
-            problems.append(f"  {title} ({len(items)}):\n    {shown}")
-    if problems:
-        raise CheckpointMismatch(f"{source} does not fit model {cfg.name or '(unnamed)'}:\n" + "\n".join(problems))
+    check_mismatch(source, cfg.name, [("missing keys", missing), ("unexpected keys", unexpected),
+                                      ("wrong shapes or types", wrong_shape),
+                                      ("aliased copies of a shared tensor disagree", disagree)])
     return out
 
 
