@@ -65,13 +65,12 @@ def _step_time(recipe: Any, threads: int, reps: int = 3) -> float:
 def _batch_time(recipe: Any, batches: int = 3) -> float:
     """Seconds to load and transform one training batch in this process (the CPU cost of the data)."""
     import msclip
-    from msclip.data import DataSpec, build_train_data
+    from msclip.data import build_train_data
 
     _, train_tf, _ = msclip.create_model_and_transforms(recipe.model)
-    data = build_train_data(DataSpec(kind=recipe.data.kind, caption_templates=recipe.data.caption_templates,
-                                     fashion_mnist_root=recipe.data.fashion_mnist_root),
-                            image_transform=train_tf, tokenizer=msclip.get_tokenizer(recipe.model),
-                            batch_size=recipe.data.batch_size, workers=0)
+    # the recipe's own data section, read in this process (workers=0): the per-batch CPU cost
+    data = build_train_data(recipe.data, image_transform=train_tf, tokenizer=msclip.get_tokenizer(recipe.model),
+                            workers=0)
     it = iter(data.loader)
     next(it)
     t0 = time.perf_counter()
@@ -192,7 +191,7 @@ def _report(runs: dict[str, dict], out: Path, plots: list[str], wall: float, thr
 def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: Path | None = None,
              budget_min: float = 8.5, spent_s: float = 0.0) -> Path:
     import msclip
-    from msclip.train.main import train
+    from msclip.train import train
     from msclip.train.precision import get_precision
     from msclip.train.recipe import load_recipe
 

@@ -50,8 +50,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"weights: {result.exported} (msclip.create_model({recipe.model!r}, pretrained=...))")
     return 0
 
-
-if __name__ == "__main__":  # kept for old launch lines; the documented module is `-m msclip train`
-    from msclip.cli import main
-
-    raise SystemExit(main(["train", *sys.argv[1:]]))
