@@ -166,3 +166,18 @@ def test_resume_at_an_epoch_boundary_is_exact(tmp_path: Path) -> None:
     assert resumed.state.step == 3 and len(resumed.losses) == 1 and resumed.losses == full.losses[2:]
     a, b = (load_train_state(r.last_checkpoint)["model"] for r in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokens_are_trimmed_once_per_micro_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer cuts each micro-batch to its longest caption once, on the CPU; the model's forward must not
+    cut it again (on a GPU every extra trim is a device sync)."""
+    calls: list[int] = []
+    original = msclip.MSCLIP.trim_tokens
+
+    def counting(tokens: torch.Tensor) -> torch.Tensor:
+        calls.append(tokens.shape[0])
+        return original(tokens)
+
+    monkeypatch.setattr(msclip.MSCLIP, "trim_tokens", staticmethod(counting))
+    train(tiny_recipe(tmp_path, "trim-once", train__steps=3, train__accum_freq=2, checkpoint__export=False))
+    assert calls == [8] * 6, f"one trim_tokens call per micro-batch of 8 expected: {calls}"

@@ -23,11 +23,6 @@ class CheckpointError(MsclipError):
     """A checkpoint file cannot be read or does not hold model weights."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Deprecated alias of `msclip.io.torch_save` (kept for `commands/analyze.py`)."""
-    torch_save(obj, path)
-
-
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a weights file -> (flat state_dict, embedded model config or None)."""
     path = Path(path)

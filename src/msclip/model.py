@@ -132,12 +132,15 @@ class MSCLIP(nn.Module):
         x = self.text.pool(x, tokens) @ self.text.proj.to(x.dtype)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> dict:
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                trim: bool = True) -> dict:
+        """Normalised features and the temperature; ``trim=False`` for tokens already cut by `trim_tokens`
+        (the trainer trims once per step, on the CPU, so no device sync happens here)."""
         out: dict = {"logit_scale": self.logit_scale.exp()}
         if images is not None:
             out["image_features"] = self.encode_image(images, normalize=True)
         if tokens is not None:
-            out["text_features"] = self.encode_text(tokens, normalize=True)
+            out["text_features"] = self.encode_text(tokens, normalize=True, trim=trim)
         return out
 
     @torch.no_grad()

@@ -94,12 +94,12 @@ def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: Cli
     if len(micro) == 1:
         images, tokens = micro[0]
         with precision.autocast():
-            out = model(images, tokens)
+            out = model(images, tokens, trim=False)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         backward(loss)
         return loss.detach().float()
     with torch.no_grad(), precision.autocast():
-        cached = [model(i, t) for i, t in micro]
+        cached = [model(i, t, trim=False) for i, t in micro]
     img_cache = [c["image_features"] for c in cached]
     txt_cache = [c["text_features"] for c in cached]
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -108,7 +108,7 @@ def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: Cli
         last = j == len(micro) - 1
         with model.no_sync() if is_ddp and not last else contextlib.nullcontext():
             with precision.autocast():
-                out = model(images, tokens)
+                out = model(images, tokens, trim=False)
                 imgs = torch.cat(img_cache[:j] + [out["image_features"]] + img_cache[j + 1:])
                 txts = torch.cat(txt_cache[:j] + [out["text_features"]] + txt_cache[j + 1:])
                 scale = out["logit_scale"] if last else out["logit_scale"].detach()
