@@ -146,3 +146,14 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch, code, kind) -> No
     monkeypatch.setattr(Path, "read_text", lambda self, **kw: code if self == fake else Path.read_bytes(self).decode())
     checker = layering_violations if kind == "layer" else private_import_violations
     assert checker([fake]), f"{code!r} in train/ was not flagged"
+
+
+def test_one_logger_naming_scheme() -> None:
+    # every module logs under its own import path, so `logging.getLogger("msclip.eval")` configures a package
+    bad = []
+    for path in sources():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("getLogger"):
+                if [ast.unparse(a) for a in node.args] != ["__name__"]:
+                    bad.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "loggers must be logging.getLogger(__name__):\n" + "\n".join(bad)

@@ -10,7 +10,6 @@ from PIL import Image, ImageFile
 
 import msclip
 from msclip.commands import zeroshot as zs_cmd
-from msclip.errors import MsclipError
 from msclip.eval.features import collate_skip, encode_tokens
 from msclip.eval.imagefolder import (DataError, folder_classnames, folder_dataset, load_rgb, resolve_classnames,
                                      scan_image_folder)

@@ -192,7 +192,6 @@ def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: P
              budget_min: float = 8.5, spent_s: float = 0.0) -> Path:
     import msclip
     from msclip.train import train
-    from msclip.train.precision import get_precision
     from msclip.train.recipe import load_recipe
 
     t0 = time.perf_counter()
@@ -216,7 +215,6 @@ def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: P
               flush=True)
         res = train(recipe)
         model = msclip.create_model(recipe.model, pretrained=res.exported)
-        precision = get_precision(recipe.train.precision, torch.device("cpu"))
         zs = final_zeroshot(model, recipe)  # fp32, as `msclip zeroshot` runs by default: the same number
         print(f"[demo] {label}: zero-shot top-1 {zs['top1_pct']:.1f} % on {zs['images']} test images "
               f"({res.wall_s:.0f} s of training)", flush=True)

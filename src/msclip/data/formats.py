@@ -100,3 +100,21 @@ def wds_captions(sample: dict, *, one_per_line: bool = False) -> Captions:
                 return Captions(texts, None if texts else "empty")
         return Captions(problem="missing")
     return Captions(problem="missing")
+
+
+def read_list_file(path: str | os.PathLike, what: str, error: type[MsclipError] = DataFormatError) -> object:
+    """A user's list file (class names, templates): a `.json` file -> its parsed value; any other file ->
+    its lines, stripped (callers decide about blank lines and comments). Errors name `what` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{what} {str(path)!r} cannot be read as UTF-8 text ({err})") from None
+    if path.suffix.lower() != ".json":
+        return [line.strip() for line in text.splitlines()]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{what} {str(path)!r} is not valid JSON ({err})") from None

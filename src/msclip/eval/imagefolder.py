@@ -7,7 +7,6 @@ Truncated images load the way the official loader does (`ImageFile.LOAD_TRUNCATE
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from typing import Callable, Iterator
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-from msclip.data.formats import IMAGE_EXTENSIONS, is_image_file
+from msclip.data.formats import IMAGE_EXTENSIONS, is_image_file, read_list_file
 from msclip.errors import MsclipError
 
 from .features import SafeDataset
@@ -112,15 +111,8 @@ def resolve_classnames(classes: list[str], classnames_file: str | None = None) -
 
 
 def _names_from_file(classes: list[str], path_str: str) -> list[str]:
-    path = Path(path_str)
-    if not path.is_file():
-        raise DataError(f"class-name file {path_str!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"class-name file {path_str!r} is not valid JSON: {e}") from e
+    data = read_list_file(path_str, "class-name file", DataError)
+    if Path(path_str).suffix.lower() == ".json":
         if isinstance(data, dict):
             missing = [c for c in classes if c not in data]
             if missing:
@@ -131,7 +123,7 @@ def _names_from_file(classes: list[str], path_str: str) -> list[str]:
             raise DataError(f"class-name file {path_str!r} must hold a JSON list or a folder -> name object")
         names = [str(n) for n in data]
     else:
-        names = [line.strip() for line in text.splitlines()]
+        names = list(data)
         while names and not names[-1]:  # tolerate trailing blank lines only
             names.pop()
     if len(names) != len(classes):

@@ -11,11 +11,11 @@ Every prompt is filled by `fill_template`: plain `template.format(name)`, as the
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from msclip.data.formats import read_list_file
 from msclip.errors import MsclipError
 
 BUILTIN_TEMPLATE_SETS = ("imagenet80", "simple", "generic", "fashion_mnist")
@@ -113,16 +113,11 @@ def load_templates(spec: str) -> TemplateSet:
     if not path.is_file():
         raise TemplateError(f"--templates {spec!r} is neither one of {', '.join(BUILTIN_TEMPLATE_SETS)} "
                             "nor an existing file")
-    text = path.read_text(encoding="utf-8")
+    data = read_list_file(path, "template file", TemplateError)
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TemplateError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
             raise TemplateError(f"{path}: a JSON template file must hold a list of strings")
         templates = tuple(data)
     else:
-        templates = tuple(line.strip() for line in text.splitlines()
-                          if line.strip() and not line.lstrip().startswith("#"))
+        templates = tuple(line for line in data if line and not line.startswith("#"))
     return TemplateSet(str(path), _check(templates, str(path)))
