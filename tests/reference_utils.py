@@ -1,7 +1,8 @@
 """Helpers for the official tiny reference (tests/data/official_tiny, produced by the official code).
 
 The reference weights are not stored: they are regenerated from the manifest with the deterministic
-per-key recipe of spec section 15.1 and checked against the stored fingerprints.
+per-key recipe below (the one the reference was made with: a seeded generator per key, values set by the
+key's role) and checked against the stored fingerprints (tests/data/official_tiny/weight-fingerprints.tsv).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def read_manifest(path: Path) -> list[dict]:
 
 
 def recipe_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The value spec section 15.1 assigns to `key` (first matching rule wins)."""
+    """The value the reference recipe assigns to `key` (first matching rule wins)."""
     if key.endswith("num_batches_tracked"):
         return torch.zeros(shape, dtype=torch.int64)
     g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))

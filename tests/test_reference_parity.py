@@ -7,7 +7,7 @@ from reference_utils import REF_DIR, load_reference_model, recipe_state_dict
 
 TOL = 1e-5
 # Logits scaled by 100 (zero-shot, logits_100) multiply the float32 rounding of the features (about 2e-6 on
-# values of magnitude 3, spec section 14.1) by 100: measured 2.2e-5 here, i.e. cosines equal to 2.2e-7.
+# values of magnitude 3) by 100: measured 2.2e-5 here, i.e. cosines equal to 2.2e-7.
 TOL_X100 = 5e-5
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import random
 import sys
@@ -113,20 +114,21 @@ def _write_split(pairs: list[tuple[Path, str]], folder: Path, csv_path: Path, si
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption"])
-        for i, (png, caption) in enumerate(pairs):
-            with Image.open(png) as im:
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, "white")
-                im = Image.alpha_composite(bg, im).convert("RGB")
-                scale = size / min(im.size)
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                               Image.Resampling.BICUBIC)
-            name = f"{i:04d}.png"
-            im.save(folder / name)
-            w.writerow([name, caption])
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["image", "caption"])
+    for i, (png, caption) in enumerate(pairs):
+        with Image.open(png) as im:
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, "white")
+            im = Image.alpha_composite(bg, im).convert("RGB")
+            scale = size / min(im.size)
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                           Image.Resampling.BICUBIC)
+        name = f"{i:04d}.png"
+        mio.atomic_write(folder / name, lambda tmp, im=im: im.save(tmp, format="PNG"))
+        w.writerow([name, caption])
+    mio.write_text(csv_path, table.getvalue())
 
 
 def tux_retrieval(args: argparse.Namespace) -> int:
