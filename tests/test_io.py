@@ -1,0 +1,99 @@
+"""msclip.io, the one writer: atomic (a reader sees the old or the new file, never half), durable (file and
+folder fsynced), tidy (no temporary file survives a failure), ordinary permissions, a full disk named."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msclip import io as mio
+
+
+@pytest.fixture
+def umask():
+    def set_mask(mask: int) -> None:
+        os.umask(mask)
+    old = os.umask(0o022)
+    os.umask(old)
+    yield set_mask
+    os.umask(old)
+
+
+def test_round_trips_of_every_kind(tmp_path: Path) -> None:
+    mio.write_bytes(tmp_path / "a.bin", b"\x00\x01")
+    mio.write_text(tmp_path / "sub" / "b.txt", "héllo")  # the folder is created
+    mio.write_json(tmp_path / "c.json", {"x": [1, 2], "name": "ü"})
+    mio.torch_save({"w": torch.arange(3)}, tmp_path / "d.pt")
+    mio.numpy_save(tmp_path / "e.npy", np.arange(4, dtype=np.float32))
+    assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "sub" / "b.txt").read_text(encoding="utf-8") == "héllo"
+    assert (tmp_path / "c.json").read_text(encoding="utf-8") == '{\n  "x": [\n    1,\n    2\n  ],\n  "name": "ü"\n}\n'
+    assert torch.equal(torch.load(tmp_path / "d.pt", weights_only=True)["w"], torch.arange(3))
+    assert np.array_equal(np.load(tmp_path / "e.npy"), np.arange(4, dtype=np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "c.json", "d.pt", "e.npy", "sub"]
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_files_get_the_umask_permissions(tmp_path: Path, umask, mask: int, mode: int) -> None:
+    umask(mask)
+    path = mio.write_text(tmp_path / "r.json", "{}")
+    assert os.stat(path).st_mode & 0o777 == mode
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "result.json"
+    mio.write_json(target, {"old": True})
+
+    def half_then_fail(tmp: str) -> None:
+        Path(tmp).write_text('{"new": tr')
+        raise KeyboardInterrupt  # even a Ctrl-C in the middle of a write
+
+    with pytest.raises(KeyboardInterrupt):
+        mio.atomic_write(target, half_then_fail)
+    assert target.read_text() == '{\n  "old": true\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_a_full_disk_is_named_with_the_path(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt" / "step_10.pt"
+
+    def no_space(tmp: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(mio.WriteError, match=r"step_10\.pt.*disk is full"):
+        mio.atomic_write(target, no_space)
+    # torch.save reports a full disk as a bare stream error: the message still names the file and the cause
+    with pytest.raises(mio.WriteError, match=r"step_10\.pt.*disk full"):
+        mio.atomic_write(target, lambda tmp: (_ for _ in ()).throw(RuntimeError("basic_ios::clear: iostream error")))
+    assert list(target.parent.iterdir()) == []
+
+
+def test_file_and_folder_are_fsynced_before_and_after_the_rename(tmp_path: Path, monkeypatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real_fsync(fd)
+
+    def replace(a, b) -> None:
+        events.append("rename")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    mio.write_text(tmp_path / "x.txt", "data")
+    assert events == ["file", "rename", "dir"]
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / f"{mio.TMP_PREFIX}step_5.pt.abc123").write_bytes(b"half")
+    (tmp_path / "step_5.pt").write_bytes(b"whole")
+    (tmp_path / ".hidden").write_bytes(b"user file")
+    removed = mio.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [f"{mio.TMP_PREFIX}step_5.pt.abc123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "step_5.pt"]
