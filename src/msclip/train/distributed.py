@@ -89,6 +89,15 @@ def all_reduce_max(value: float, env: DistEnv) -> float:
     return float(t.item())
 
 
+def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
+    """Element-wise OR over ranks, in one collective: each rank then takes the same skip / stop decision."""
+    if not env.distributed:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float32, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def cleanup(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from msclip.loss import ClipLoss
 from msclip.model import MSCLIP
-from msclip.train.distributed import DistEnv, all_reduce_max
+from msclip.train.distributed import DistEnv, any_rank
 from msclip.train.logger import RunLogger
 from msclip.train.precision import Precision
 from msclip.train.state import capture_rng, restore_rng
@@ -186,27 +187,41 @@ class TrainLoop:
 
     # --- one optimiser step ----------------------------------------------------------------------------
     def train_step(self, micro: list[MicroBatch]) -> StepResult:
+        """Forward/backward, then one update unless the loss or the gradient norm is non-finite on any rank.
+
+        The gradient norm is computed every step (one fused norm; with clipping it is the clipping's own),
+        so NaN gradients behind a finite loss are caught with clipping off too. A skipped step changes no
+        weight, no buffer (BatchNorm statistics are restored) and no optimiser state; its gradients are
+        dropped. With fp16 the gradients are unscaled first, and an overflow alone is the scaler's
+        business: it skips that update itself and lowers its scale, which is not counted as an error.
+        """
         self.scheduler.step(self.state.step)
+        buffers = [b.clone() for b in self.unwrapped.buffers()]
         loss = backward_accumulated(self.model, micro, self.loss_fn, self.precision, self.scaler)
-        loss_val = float(loss)
-        # every rank takes the same skip decision
-        bad = all_reduce_max(0.0 if torch.isfinite(loss) else 1.0, self.env) > 0
-        grad_norm = None
-        if not bad and self.cfg.grad_clip_norm is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), self.cfg.grad_clip_norm)
-            grad_norm = float(norm)
-            # with fp16 the scaler itself skips inf-grad steps and lowers its scale; that is not an error
-            bad = self.scaler is None and not torch.isfinite(norm)
-        if not bad:  # (with a scaler, bad implies no unscale_ happened, so there is nothing to update)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.unwrapped.parameters() if p.grad is not None]
+        if self.cfg.grad_clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        loss_val, grad_norm = float(loss), float(norm)
+        loss_bad = not math.isfinite(loss_val)
+        grad_bad = not math.isfinite(grad_norm) and self.scaler is None
+        loss_bad, grad_bad = any_rank([loss_bad, grad_bad], self.env)
+        bad = loss_bad or grad_bad
+        if self.scaler is not None:
+            if not bad:
+                self.scaler.step(self.optimizer)  # (skips the update itself on an fp16 overflow)
+            self.scaler.update()
+        elif not bad:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not bad and self.cfg.logit_scale_max is not None:
+        if bad:
+            with torch.no_grad():
+                for b, saved in zip(self.unwrapped.buffers(), buffers):
+                    b.copy_(saved)
+        elif self.cfg.logit_scale_max is not None:
             with torch.no_grad():
                 self.unwrapped.logit_scale.clamp_(0.0, self.cfg.logit_scale_max)
         return StepResult(loss_val, grad_norm, not bad)
@@ -226,12 +241,11 @@ class TrainLoop:
             return
         st.nonfinite_total += 1
         st.nonfinite_in_row += 1
-        detail = result.loss if result.grad_norm is None else f"loss {result.loss}, grad norm {result.grad_norm}"
-        log.warning("step %d: non-finite loss/gradient (%s); step skipped (%d in a row, %d total)",
-                    st.step, detail, st.nonfinite_in_row, st.nonfinite_total)
+        log.warning("step %d: non-finite loss/gradient (loss %s, grad norm %s); update skipped (%d in a row, "
+                    "%d total)", st.step, result.loss, result.grad_norm, st.nonfinite_in_row, st.nonfinite_total)
         self.logger.log("nonfinite", st.step, {"loss": result.loss, "nonfinite_total": st.nonfinite_total})
         if st.nonfinite_in_row >= cfg.max_nonfinite:
-            where = self.last_checkpoint or "none was written yet"
+            where = self.last_checkpoint or "none was written yet"  # every checkpoint is verified finite
             raise NonFiniteLossError(
                 f"{st.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite={cfg.max_nonfinite}) "
                 f"at step {st.step}; stopping. Last good checkpoint: {where}. "

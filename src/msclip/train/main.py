@@ -28,7 +28,8 @@ from msclip.train.optim import build_optimizer
 from msclip.train.precision import get_precision
 from msclip.train.recipe import Recipe, RecipeError, save_recipe
 from msclip.train.scheduler import WarmupCosine
-from msclip.train.state import capture_rng, checkpoint_path, load_train_state, resolve_resume, save_train_state
+from msclip.train.state import (capture_rng, checkpoint_path, load_resume_state, load_train_state,
+                                nonfinite_tensors, save_train_state)
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,9 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, t_start: floa
     precision = get_precision(recipe.train.precision, env.device)
     scaler = precision.make_scaler()
     state, rng = LoopState(), ResumeRng()
-    ckpt = _find_resume(recipe, run_dir, env)
-    if ckpt:
-        state, rng = _load_resume(ckpt, env, model, optimizer, scheduler, scaler)
+    resume = _find_resume(recipe, run_dir, env)
+    if resume:
+        state, rng = _load_resume(*resume, env, model, optimizer, scheduler, scaler)
 
     zs = _zeroshot(recipe, eval_tf, tokenizer, env, precision.autocast) if env.is_master else None
     if env.is_master:
@@ -130,6 +131,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, t_start: floa
     logger = RunLogger(run_dir, enabled=env.is_master, tensorboard=recipe.log.tensorboard)
     saver = CheckpointWriter(run_dir, model, optimizer, scheduler, scaler, env, plan.total,
                              recipe.checkpoint.keep_last)
+    saver.last_finite = resume[0] if resume else ""
 
     def loader_for_epoch(epoch: int) -> Any:
         data.set_epoch(epoch)
@@ -148,6 +150,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, t_start: floa
         loader_factory=loader_for_epoch, env=env, settings=_loop_settings(recipe, plan), logger=logger,
         save_fn=saver, eval_fn=evaluate if recipe.zeroshot.kind else None, state=state, resume_rng=rng,
         stop_after=stop_after)
+    loop.last_checkpoint = saver.last_finite
     try:
         state = loop.run()
     finally:
@@ -237,8 +240,16 @@ class CheckpointWriter:
         self.env = env
         self.total_steps = total_steps
         self.keep_last = keep_last
+        self.last_finite = ""  # the newest checkpoint written (or resumed from); its weights were finite
 
     def __call__(self, st: LoopState, epoch_rng: dict) -> str:
+        # never save non-finite weights (every rank holds the same weights, so all take the same decision)
+        bad = nonfinite_tensors(self.model.state_dict())
+        if bad:
+            raise NonFiniteLossError(
+                f"step {st.step}: {len(bad)} weight tensor(s) are non-finite (e.g. {bad[0]}); not saving them. "
+                f"Newest finite checkpoint: {self.last_finite or 'none was written yet'}. "
+                "Lower optim.lr, set train.grad_clip_norm or use bf16, then --resume latest.")
         rngs = _gather_objects({"rng": capture_rng(), "epoch_rng": epoch_rng}, self.env)
         path = checkpoint_path(self.run_dir, st.step)
         if self.env.is_master:
@@ -249,26 +260,33 @@ class CheckpointWriter:
                 "scaler": self.scaler.state_dict() if self.scaler else {},
                 "rng": rngs, "world_size": self.env.world_size, "total_steps": self.total_steps,
             }, keep_last=self.keep_last)
+        self.last_finite = str(path)
         return str(path)
 
 
-def _find_resume(recipe: Recipe, run_dir: Path, env: D.DistEnv) -> str | None:
+def _find_resume(recipe: Recipe, run_dir: Path, env: D.DistEnv) -> tuple[str, dict | None] | None:
+    """(path, state) of the checkpoint to resume from; rank 0 picks it (verified, with fallback), the
+    others load the path it names. None when there is nothing to resume."""
     if not recipe.resume:
         return None
-    ckpt = D.broadcast_object(str(resolve_resume(recipe.resume, run_dir) or ""), env) or None
-    if ckpt is None:
-        log.info("resume=latest: no checkpoint in %s yet; starting from scratch", run_dir)
-    return ckpt
+    found = load_resume_state(recipe.resume, run_dir) if env.is_master else None
+    ckpt = D.broadcast_object(str(found[0]) if found else "", env)
+    if not ckpt:
+        if env.is_master:
+            log.warning("resume=latest: %s has no checkpoint yet (is name=%s right?); starting from scratch",
+                        run_dir, run_dir.name)
+        return None
+    return ckpt, found[1] if found else None
 
 
-def _load_resume(ckpt: str, env: D.DistEnv, model: MSCLIP, optimizer: torch.optim.Optimizer,
+def _load_resume(ckpt: str, saved: dict | None, env: D.DistEnv, model: MSCLIP, optimizer: torch.optim.Optimizer,
                  scheduler: WarmupCosine, scaler: torch.amp.GradScaler | None) -> tuple[LoopState, ResumeRng]:
     """Load a train state into the fresh objects; the recipe's lr wins over the checkpoint's.
 
     A checkpoint from another number of processes resumes too: the step and sample counts continue, the
     RNG streams restart and a partly done epoch is left for the next one (its data split no longer exists).
     """
-    saved = load_train_state(ckpt)
+    saved = saved if saved is not None else load_train_state(ckpt)
     model.load_state_dict(saved["model"])
     fresh_lrs = {g["name"]: g["base_lr"] for g in optimizer.param_groups}
     optimizer.load_state_dict(saved["optimizer"])

@@ -6,6 +6,7 @@ exactly where the interrupted one stopped. Everything is loadable with ``torch.l
 """
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -14,10 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from msclip.errors import MissingFileError, MsclipError
 from msclip.io import torch_save
+
+log = logging.getLogger(__name__)
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 FORMAT_VERSION = 1
+
+
+class TrainStateError(MsclipError):
+    """A train-state checkpoint cannot be used; the message names the file and why."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -70,11 +78,43 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     if path.is_dir():
         found = list_checkpoints(path) or list_checkpoints(checkpoint_dir(path))
         if not found:
-            raise FileNotFoundError(f"resume={resume}: no step_*.pt checkpoint in that folder")
+            raise MissingFileError(f"resume={resume}: no step_*.pt checkpoint in that folder")
         return found[-1][1]
     if not path.is_file():
-        raise FileNotFoundError(f"resume={resume}: no such checkpoint file or folder")
+        raise MissingFileError(f"resume={resume}: no such checkpoint file or folder")
     return path
+
+
+def load_resume_state(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``resume`` names, loaded and verified (readable, finite weights); None when
+    ``latest`` finds no checkpoint yet. ``latest`` or a folder falls back from an unusable newest
+    checkpoint (truncated, empty, non-finite) to the newest usable one and logs which it skipped and why."""
+    first = resolve_resume(resume, run_dir)
+    if first is None:
+        return None
+    if resume != "latest" and not Path(resume).is_dir():  # an explicit file: no silent substitute
+        return first, load_train_state(first)
+    candidates = [p for _, p in reversed(list_checkpoints(first.parent))]
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            state = load_train_state(path)
+        except TrainStateError as err:
+            skipped.append(str(err))
+            continue
+        for why in skipped:
+            log.warning("resume: skipped %s; using %s instead", why, path)
+        return path, state
+    raise TrainStateError(f"resume={resume}: no usable checkpoint in {first.parent}: " + "; ".join(skipped))
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (one device sync for all)."""
+    names = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    flags = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).cpu().tolist()
+    return [k for k, ok in zip(names, flags) if not ok]
 
 
 def save_train_state(path: str | Path, state: dict[str, Any], keep_last: int) -> Path:
@@ -89,9 +129,23 @@ def save_train_state(path: str | Path, state: dict[str, Any], keep_last: int) ->
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a train state; an unreadable (truncated, empty), foreign or non-finite file is a
+    TrainStateError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise TrainStateError(f"{path}: the file is empty (an interrupted copy?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises zip, pickle, EOF and runtime errors for a damaged file
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrainStateError(f"{path}: unreadable, truncated or damaged ({type(err).__name__}: {first})") from err
     if not isinstance(state, dict) or "optimizer" not in state or "step" not in state:
-        raise ValueError(f"{path} is not a msclip train-state checkpoint (use pretrained= for plain weights)")
+        raise TrainStateError(f"{path} is not a msclip train-state checkpoint (use pretrained= for plain weights)")
+    bad = nonfinite_tensors(state.get("model") or {})
+    if bad:
+        raise TrainStateError(f"{path}: {len(bad)} weight tensor(s) are non-finite (e.g. {bad[0]})")
     return state
 
 
