@@ -84,3 +84,57 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(NonFiniteLossError, match=r"step 3: 1 weight tensor.*logit_scale.*step_00000002\.pt"):
         train(tiny_recipe(tmp_path, "inf", train__steps=5, checkpoint=EVERY_STEP))
     assert sorted(_ckpts(tmp_path / "inf")) == [1, 2]
+
+
+# --- checkpoints that survive faults ------------------------------------------------------------------
+
+def test_resume_falls_back_from_a_damaged_latest_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = train(tiny_recipe(tmp_path, "fallback", train__steps=4, checkpoint=EVERY_STEP))
+    found = _ckpts(first.run_dir)
+    data = found[4].read_bytes()
+    found[4].write_bytes(data[: len(data) // 2])  # truncated
+    found[3].write_bytes(b"")  # empty
+    stale = found[4].parent / ".msclip-tmp-step_00000005.pt.x1y2"  # a save killed half-way
+    stale.write_bytes(b"partial")
+    with caplog.at_level("WARNING"):
+        res = train(tiny_recipe(tmp_path, "fallback", resume="latest", train__steps=5, checkpoint=EVERY_STEP))
+    assert not stale.exists()
+    assert len(res.losses) == 3  # resumed after step 2: steps 3..5 ran
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 2
+    assert "step_00000004.pt: unreadable" in lines[0] and "using " + str(found[2]) in lines[0]
+    assert "step_00000003.pt: the file is empty" in lines[1] and str(found[2]) in lines[1]
+
+
+def test_an_explicit_damaged_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None:
+    from msclip.errors import MsclipError
+
+    bad = tmp_path / "step_00000007.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(MsclipError, match=r"step_00000007\.pt: unreadable"):
+        train(tiny_recipe(tmp_path, "explicit", resume=str(bad)))
+
+
+# --- run folders are never overwritten ----------------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rerunning_a_run_name_without_resume_fails_and_changes_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from msclip.errors import MsclipError
+
+    first = train(tiny_recipe(tmp_path, "taken", train__steps=2))
+    before = _snapshot(first.run_dir)
+    assert "model.safetensors" in before
+    with pytest.raises(MsclipError, match=rf"run folder {first.run_dir} already holds.*resume=latest.*name=.*--overwrite"):
+        train(tiny_recipe(tmp_path, "taken", train__steps=2))
+    assert _snapshot(first.run_dir) == before
+    again = train(tiny_recipe(tmp_path, "taken", train__steps=1), overwrite=True)
+    assert sorted(_ckpts(again.run_dir)) == [1]
+    with caplog.at_level("WARNING"):
+        fresh = train(tiny_recipe(tmp_path, "typo", resume="latest", train__steps=1))
+    assert fresh.state.step == 1
+    assert any("has no checkpoint yet" in r.getMessage() and "typo" in r.getMessage() for r in caplog.records)

@@ -23,6 +23,8 @@ def _metavar(path: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
                         help="recipe file; fields it omits keep their defaults (see docs/training.md)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in the same folder (its checkpoints, weights and metrics)")
     group = parser.add_argument_group("recipe fields (override the file; also accepted as key=value)")
     for path in field_paths():
         group.add_argument(f"--{path}", dest=_PREFIX + path, default=argparse.SUPPRESS, metavar=_metavar(path))
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.config, collect_overrides(args))  # a RecipeError is printed by msclip.cli
     try:
-        result = train(recipe)
+        result = train(recipe, overwrite=args.overwrite)
     except NonFiniteLossError as err:
         print(f"msclip train: stopped: {err}", file=sys.stderr)
         return EXIT_NONFINITE
