@@ -3,6 +3,12 @@ re-used run folders, SIGINT / SIGTERM, bad recipe values at the command line. Ti
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +144,77 @@ def test_rerunning_a_run_name_without_resume_fails_and_changes_nothing(
         fresh = train(tiny_recipe(tmp_path, "typo", resume="latest", train__steps=1))
     assert fresh.state.step == 1
     assert any("has no checkpoint yet" in r.getMessage() and "typo" in r.getMessage() for r in caplog.records)
+
+
+# --- graceful stop -------------------------------------------------------------------------------------
+
+STEPS = 40
+CLI_RECIPE = ["--model", "clip-b32-tiny", "data.kind=synthetic", "data.num_samples=48", "data.batch_size=8",
+              "data.workers=0", f"train.steps={STEPS}", "train.precision=fp32", "train.deterministic=true",
+              "train.threads=1", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup=1", "seed=0",
+              "checkpoint.every=0", "checkpoint.keep_last=2", "log.every=1", "log.progress=false",
+              "log.tensorboard=false"]  # = tiny_recipe(train__steps=STEPS)
+
+
+def _msclip(*args: str, **kw: object) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "msclip", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    res = train(tiny_recipe(tmp_path_factory.mktemp("ref"), "ref", train__steps=STEPS))
+    return load_train_state(res.last_checkpoint)["model"]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_checkpoints_the_current_step_and_resumes_exactly(
+        tmp_path: Path, sig: int, code: int, uninterrupted: dict[str, torch.Tensor]) -> None:
+    run_dir = tmp_path / "sig"
+    proc = _msclip("train", *CLI_RECIPE, f"output_dir={tmp_path}", "name=sig")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.is_file() and metrics.read_text()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first step is done
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "Traceback" not in out
+    step = max(s for s, _ in list_checkpoints(run_dir / "checkpoints"))
+    assert 1 <= step < STEPS
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert max(r["step"] for r in rows) == step  # stopped after finishing the step it was in, and saved it
+    stop_lines = [line for line in err.splitlines() if line.startswith("msclip train: stopped")]
+    assert len(stop_lines) == 1
+    assert f"step_{step:08d}.pt" in stop_lines[0] and f"name=sig resume=latest" in stop_lines[0]
+    assert f"output_dir={tmp_path}" in stop_lines[0]
+
+    resumed = train(tiny_recipe(tmp_path, "sig", resume="latest", train__steps=STEPS))
+    assert resumed.state.step == STEPS and len(resumed.losses) == STEPS - step
+    final = load_train_state(resumed.last_checkpoint)["model"]
+    assert all(torch.equal(final[k], v) for k, v in uninterrupted.items())
+
+
+def test_train_restores_the_previous_signal_handlers(tmp_path: Path) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    train(tiny_recipe(tmp_path, "handlers", train__steps=1))
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+# --- bad recipe values at the command line ---------------------------------------------------------------
+
+@pytest.mark.parametrize("override,field", [
+    ("train.steps=0", "train.steps"), ("log.every=0", "log.every"), ("train.threads=-2", "train.threads"),
+    ("train.epochs=0", "train.epochs"), ("train.grad_clip_norm=-1", "train.grad_clip_norm"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay")])
+def test_bad_training_values_are_refused_before_a_run_folder_exists(
+        tmp_path: Path, capsys: pytest.CaptureFixture, override: str, field: str) -> None:
+    from msclip.cli import main
+
+    steps = "train.steps=null" if override.startswith("train.epochs") else "train.steps=2"
+    code = main(["train", "--model", "clip-b32-tiny", "data.kind=synthetic", f"output_dir={tmp_path}",
+                 "name=bad", steps, override])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{field}=" in err and "must be" in err
+    assert not (tmp_path / "bad").exists()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
+from pathlib import Path
 
 from msclip.train.recipe import Recipe, field_paths
 from msclip.typed_config import describe_type, field_type
@@ -36,17 +39,35 @@ def collect_overrides(args: argparse.Namespace) -> list[str]:
     return items + list(getattr(args, "overrides", []) or [])
 
 
+def resume_hint(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command line that continues this run: the same recipe and overrides, resume=latest."""
+    keep = [o for o in collect_overrides(args) if not o.startswith(("name=", "resume=", "output_dir="))]
+    words = ["msclip", "train"] + (["--config", args.config] if args.config else []) + keep
+    words += [f"output_dir={run_dir.parent}", f"name={run_dir.name}", "resume=latest"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def run(args: argparse.Namespace) -> int:
     from msclip.train import NonFiniteLossError, load_recipe, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.config, collect_overrides(args))  # a RecipeError is printed by msclip.cli
     try:
-        result = train(recipe, overwrite=args.overwrite)
+        result = train(recipe, **({"overwrite": True} if args.overwrite else {}))
     except NonFiniteLossError as err:
         print(f"msclip train: stopped: {err}", file=sys.stderr)
         return EXIT_NONFINITE
-    if int(os.environ.get("RANK", "0")) == 0:
+    except KeyboardInterrupt:  # Ctrl-C before training installed its own handler: nothing to save yet
+        print("msclip train: interrupted before the first step; nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
+    master = int(os.environ.get("RANK", "0")) == 0
+    if getattr(result, "stopped_by", 0):
+        if master:
+            name = signal.Signals(result.stopped_by).name
+            print(f"msclip train: stopped by {name} at step {result.state.step}; checkpoint "
+                  f"{result.last_checkpoint}; resume with: {resume_hint(args, result.run_dir)}", file=sys.stderr)
+        return 128 + result.stopped_by
+    if master:
         print(f"run folder: {result.run_dir} ({result.state.step} steps, {result.wall_s:.1f} s)")
         if result.exported:
             print(f"weights: {result.exported} (msclip.create_model({recipe.model!r}, pretrained=...))")

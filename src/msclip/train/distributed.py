@@ -89,13 +89,14 @@ def all_reduce_max(value: float, env: DistEnv) -> float:
     return float(t.item())
 
 
-def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
-    """Element-wise OR over ranks, in one collective: each rank then takes the same skip / stop decision."""
+def max_over_ranks(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise max over ranks in one collective, so that every rank takes the same skip / stop
+    decision (a flag set on any rank is set on all)."""
     if not env.distributed:
-        return list(flags)
-    t = torch.tensor([float(f) for f in flags], dtype=torch.float32, device=env.device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return [float(v) for v in t.tolist()]
 
 
 def cleanup(env: DistEnv) -> None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from msclip.loss import ClipLoss
 from msclip.model import MSCLIP
-from msclip.train.distributed import DistEnv, any_rank
+from msclip.train.distributed import DistEnv, max_over_ranks
 from msclip.train.logger import RunLogger
 from msclip.train.precision import Precision
 from msclip.train.state import capture_rng, restore_rng
@@ -144,6 +144,10 @@ class TrainLoop:
         self.stop_after = stop_after  # end after this many steps without a final checkpoint (tests)
         self.epoch_rng: dict[str, Any] = {}  # RNG at the start of the current epoch (saved mid-epoch)
         self.last_checkpoint = ""
+        self.stop_request: Any = None  # its ``signum`` turns non-zero on SIGINT/SIGTERM (train/stop.py)
+        self.stopped_by = 0  # the signal this invocation stopped on (0: it did not)
+        self._stop_signum = 0.0  # the stop signal as agreed by all ranks at the last step
+        self._saved_step = -1
         self.history: list[float] = []  # loss per good optimiser step (this invocation only)
         self._meter_t, self._meter_step, self._data_time = time.perf_counter(), state.step, 0.0
 
@@ -208,8 +212,10 @@ class TrainLoop:
         loss_val, grad_norm = float(loss), float(norm)
         loss_bad = not math.isfinite(loss_val)
         grad_bad = not math.isfinite(grad_norm) and self.scaler is None
-        loss_bad, grad_bad = any_rank([loss_bad, grad_bad], self.env)
-        bad = loss_bad or grad_bad
+        signum = self.stop_request.signum if self.stop_request is not None else 0
+        # one collective for the skip and the stop decision: all ranks skip, and stop, at the same step
+        loss_flag, grad_flag, self._stop_signum = max_over_ranks([loss_bad, grad_bad, signum], self.env)
+        bad = bool(loss_flag or grad_flag)
         if self.scaler is not None:
             if not bad:
                 self.scaler.step(self.optimizer)  # (skips the update itself on an fp16 overflow)
@@ -272,8 +278,22 @@ class TrainLoop:
         st, every = self.state, self.cfg.save_every
         done = st.step == self.cfg.total_steps
         if result.ok and (done or (every > 0 and st.step % every == 0)):
-            # mid-epoch the epoch's starting RNG is needed to replay its shuffle order on resume
-            self.last_checkpoint = self.save_fn(st, self.epoch_rng if st.batch_in_epoch else {})
+            self._save()
+
+    def _save(self) -> None:
+        st = self.state
+        # mid-epoch the epoch's starting RNG is needed to replay its shuffle order on resume
+        self.last_checkpoint = self.save_fn(st, self.epoch_rng if st.batch_in_epoch else {})
+        self._saved_step = st.step
+
+    def _stop_requested(self) -> bool:
+        """A stop signal reached a rank before this step's decision: checkpoint here and stop."""
+        if not self._stop_signum or self.state.step >= self.cfg.total_steps:
+            return False
+        if self._saved_step != self.state.step:
+            self._save()
+        self.stopped_by = int(self._stop_signum)
+        return True
 
     def _maybe_eval(self) -> None:
         step, every = self.state.step, self.cfg.eval_every
@@ -303,6 +323,8 @@ class TrainLoop:
                     self._log_train(result, bar)
                     self._maybe_save(result)
                     self._maybe_eval()
+                    if self._stop_requested():
+                        return st
                     if self.stop_after is not None and st.step - start_step >= self.stop_after:
                         return st  # simulated interruption (tests)
                     if st.step >= total:

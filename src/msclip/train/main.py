@@ -32,6 +32,7 @@ from msclip.train.optim import build_optimizer
 from msclip.train.precision import get_precision
 from msclip.train.recipe import Recipe, RecipeError, save_recipe
 from msclip.train.scheduler import WarmupCosine
+from msclip.train.stop import StopRequest
 from msclip.train.state import (capture_rng, checkpoint_dir, checkpoint_path, list_checkpoints,
                                 load_resume_state, load_train_state, nonfinite_tensors, save_train_state)
 
@@ -48,6 +49,7 @@ class TrainResult:
     exported: str = ""
     precision: str = "fp32"
     wall_s: float = 0.0
+    stopped_by: int = 0  # the signal (SIGINT/SIGTERM) that stopped the run at a checkpoint; 0 = none
 
 
 def seed_everything(seed: int) -> None:
@@ -100,7 +102,8 @@ def train(recipe: Recipe, *, stop_after: int | None = None, overwrite: bool = Fa
         torch.set_num_threads(recipe.train.threads)
     env = D.init_distributed(recipe.device)
     try:
-        result = _train(recipe, env, stop_after, overwrite, t_start)
+        with StopRequest() as stop:  # before the data workers start, so that they inherit it
+            result = _train(recipe, env, stop_after, overwrite, stop, t_start)
     except NonFiniteLossError:
         D.cleanup(env)  # every rank took this decision together (all-reduced), so they tear down in step
         raise
@@ -112,7 +115,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None, overwrite: bool = Fa
     return result
 
 
-def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bool,
+def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bool, stop: StopRequest,
            t_start: float) -> TrainResult:
     run_dir = _prepare_run_dir(recipe, env, overwrite)
     model, train_tf, eval_tf, tokenizer = _build_model(recipe, env)
@@ -157,6 +160,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
         save_fn=saver, eval_fn=evaluate if recipe.zeroshot.kind else None, state=state, resume_rng=rng,
         stop_after=stop_after)
     loop.last_checkpoint = saver.last_finite
+    loop.stop_request = stop
     try:
         state = loop.run()
     finally:
@@ -168,7 +172,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
     D.barrier(env)
     return TrainResult(run_dir=run_dir, state=state, total_steps=plan.total, losses=loop.history,
                        last_checkpoint=loop.last_checkpoint, exported=exported, precision=precision.name,
-                       wall_s=time.perf_counter() - t_start)
+                       wall_s=time.perf_counter() - t_start, stopped_by=loop.stopped_by)
 
 
 # --- set-up ---------------------------------------------------------------------------------------------
