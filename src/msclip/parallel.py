@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .layers import LayerNorm
-from .stems import he_init_convs
 from .trunk import BeforeBlockHook
 
 
@@ -95,9 +94,6 @@ class ParallelBranch(nn.Module):
             self.stages.append(BottleneckStage(channels[j - 1], channels[j], strides[j], bottleneck_eps))
         self.adapters = nn.ModuleList(
             LateralAdapter(c, width, k, norm_eps) for c, k in zip(channels, kernels))
-
-    def init_weights(self) -> None:
-        he_init_convs(self)
 
     def stage_outputs(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         """P_0 = stage_0(image), P_j = stage_j(P_{j-1}), computed one at a time as they are drawn."""

@@ -5,18 +5,6 @@ import torch
 from torch import nn
 
 
-def he_init_convs(module: nn.Module) -> None:
-    """He-normal (std sqrt(2 / fan_in)) for every conv in `module`: a ReLU conv net keeps its
-    activation scale layer to layer. With the transformer's std-0.02 rule instead, each conv shrinks
-    its input (gain 0.02 * sqrt(fan_in), e.g. 0.12 for a 3x3 conv on 4 channels), and with BatchNorm
-    in eval mode at its initial statistics (mean 0, var 1: the identity) nothing restores the scale."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens, as in ViT/CLIP (no bias)."""
 
@@ -59,9 +47,6 @@ class ConvStem(nn.Module):
             self.stages.append(BasicStage(c, 2 * c, s))
             c *= 2
         self.last_conv = nn.Conv2d(width, width, 1, bias=False)
-
-    def init_weights(self) -> None:
-        he_init_convs(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
