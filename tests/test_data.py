@@ -13,7 +13,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from msclip.data import DataSpec, build_train_data
+from msclip.data import COUNT_FIELDS, DataSpec, build_train_data
 from msclip.data import fashion_mnist as fm
 
 CTX = 24
@@ -94,8 +94,7 @@ def test_webdataset_every_sample_once_per_epoch_two_workers(tmp_path: Path) -> N
         assert Counter(got) == Counter(caps), f"epoch {epoch}: not every sample exactly once"
         orders.append(got)
     assert orders[0] != orders[1]  # shards and samples reshuffled per epoch
-    assert info.stats.as_dict() == {"seen": 48, "skipped_decode": 0, "skipped_caption": 0,
-                                    "dropped_partial": 0, "read_errors": 0}
+    assert info.stats.as_dict() == {"seen": 48, **dict.fromkeys(COUNT_FIELDS, 0)}
 
 
 def test_webdataset_ranks_partition_the_shards(tmp_path: Path) -> None:
@@ -127,8 +126,8 @@ def test_webdataset_corrupt_and_captionless_samples_are_skipped_and_counted(tmp_
     info = build(spec, batch_size=2)
     got = epoch_captions(info, 0)
     assert sorted(got) == sorted(good)
-    assert info.stats.as_dict() == {"seen": 8, "skipped_decode": 2, "skipped_caption": 4,
-                                    "dropped_partial": 0, "read_errors": 0}
+    assert info.stats.as_dict() == {**dict.fromkeys(COUNT_FIELDS, 0), "seen": 8, "skipped_decode": 2,
+                                    "missing_caption": 4}
 
 
 def test_webdataset_resampled_virtual_epoch(tmp_path: Path) -> None:
@@ -189,7 +188,7 @@ def test_csv_corrupt_image_and_empty_caption_counted(tmp_path: Path) -> None:
     assert len(got) == 8 and set(got) <= {"a", "c", "d", "f", "g", "h"}  # slots refilled by the next row
     assert {"b", ""}.isdisjoint(got)
     stats = info.stats.as_dict()
-    assert (stats["seen"], stats["skipped_decode"], stats["skipped_caption"]) == (8, 1, 1)
+    assert (stats["seen"], stats["skipped_decode"], stats["empty_caption"], stats["shortfall"]) == (8, 1, 1, 2)
 
 
 def test_missing_inputs_raise_clear_errors(tmp_path: Path) -> None:

@@ -11,8 +11,10 @@ def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: T
                      seed: int = 0, epoch: int = 0) -> DataInfo:
     """Build the shuffled, sharded training loader of ``(images [B,3,H,W] float, tokens [B,T] long)``.
 
-    ``batch_size`` (per rank) and ``workers`` default to the spec's; every batch is full. Call ``info.set_epoch(e)`` before each epoch; read
-    ``info.stats.as_dict()`` for samples seen and skipped (counted in the main process).
+    ``batch_size`` (per rank) and ``workers`` default to the spec's; every batch is full. Call
+    ``info.set_epoch(e)`` before each epoch (an epoch's batches depend on ``(seed, epoch)`` only, so a fresh
+    loader set to epoch ``e`` replays it exactly); read ``info.stats.as_dict()`` for samples seen and
+    skipped per category (``COUNT_FIELDS``; counted in the main process, per rank).
     """
     spec.validate()
     batch_size = spec.batch_size if batch_size is None else batch_size
@@ -28,13 +30,14 @@ def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: T
         loader, num_batches, num_samples, details = build_wds(
             spec, image_transform=image_transform, tokenizer=tokenizer, batch_size=batch_size, workers=workers,
             rank=rank, world_size=world_size, seed=seed, epoch_value=epoch_value)
-        return DataInfo(CountingLoader(loader, num_batches, stats), num_samples, num_batches, stats,
+        dropped = _epoch_dropped(details["expected_samples"], num_samples, rank)
+        return DataInfo(CountingLoader(loader, num_batches, stats, dropped), num_samples, num_batches, stats,
                         epoch_value=epoch_value, kind=spec.kind, details=details)
 
     from . import mapstyle
 
     if spec.kind == "csv":
-        dataset = mapstyle.csv_dataset(spec, image_transform)
+        dataset = mapstyle.csv_dataset(spec, image_transform, seed=seed)
         name = spec.path
     elif spec.kind == "fashion_mnist":
         from .fashion_mnist import FashionMNISTCaptions, load_fashion_mnist
@@ -49,6 +52,14 @@ def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: T
     loader, sampler, num_batches = mapstyle.map_loader(
         dataset, tokenizer=tokenizer, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
         seed=seed, epoch=epoch, name=name)
-    return DataInfo(CountingLoader(loader, num_batches, stats), num_batches * batch_size * world_size,
+    num_samples = num_batches * batch_size * world_size
+    dropped = _epoch_dropped(len(dataset), num_samples, rank)
+    return DataInfo(CountingLoader(loader, num_batches, stats, dropped), num_samples,
                     num_batches, stats, epoch_value=epoch_value, sampler=sampler, kind=spec.kind,
-                    details={"dataset_size": len(dataset)})
+                    details={"dataset_size": len(dataset), "expected_samples": len(dataset)})
+
+
+def _epoch_dropped(expected: int, delivered: int, rank: int) -> int:
+    """Samples an epoch leaves out (they do not fill full batches on every rank x worker), attributed to
+    rank 0 so that the sum over ranks counts them once."""
+    return max(0, expected - delivered) if rank == 0 else 0

@@ -1,15 +1,23 @@
 """Shared pieces of the training data sources: the spec (also the recipe's ``data`` section), the result,
-and skip accounting.
+skip accounting and per-sample seeding.
 
 Skip counts are produced inside DataLoader worker processes, so they cannot live in a shared Python
 object. Every batch carries a small ``counts`` tensor (skips since the previous batch of that worker);
 ``CountingLoader`` strips it in the main process and adds it to ``DataStats``. Nothing is lost when a
-worker process exits, and nothing needs locks.
+worker process exits, nothing needs locks, and each count reaches the stats exactly once.
+
+Exact resume: every sample's content (order, caption choice, augmentation) is a pure function of
+``(seed, epoch, position)``. Augmentations run under ``call_seeded``, which seeds torch's CPU generator
+and
+Python's ``random`` from that tuple and restores them afterwards, so neither the worker processes' RNG
+history (persistent workers live across epochs) nor the trainer's RNG matters, and loading data never
+changes the trainer's RNG.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -19,8 +27,18 @@ from msclip.errors import MsclipError
 
 log = logging.getLogger(__name__)
 
-# Order of the entries of the per-batch counts tensor.
-COUNT_FIELDS = ("skipped_decode", "skipped_caption", "dropped_partial", "read_errors")
+# Order of the entries of the per-batch counts tensor; each sample or shard problem lands in exactly one.
+COUNT_FIELDS = (
+    "skipped_decode",  # sample skipped: image missing or undecodable
+    "missing_caption",  # sample skipped: no caption (no .txt/.json, no caption field, CSV row without it)
+    "empty_caption",  # sample skipped: caption blank after stripping
+    "bad_encoding",  # sample skipped: caption not UTF-8 (or its .json not parseable)
+    "read_errors",  # a shard that could not be opened or read; the rest of it is skipped (named in the log)
+    "truncated_shards",  # a shard that ends early (cut tar); its readable samples are used (named in the log)
+    "dropped_partial",  # samples of an epoch left out because they do not fill a last full batch
+    "shortfall",  # samples delivered twice to make up for missing ones (a re-read shard, a substituted row)
+)
+SAMPLE_SKIPS = COUNT_FIELDS[:4]  # the per-sample skip categories
 KINDS = ("webdataset", "csv", "fashion_mnist", "synthetic")
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -99,10 +117,15 @@ class DataStats:
     """Running totals for logs and the final summary (main process only)."""
 
     seen: int = 0  # samples delivered to the trainer
-    skipped_decode: int = 0  # image missing or undecodable
-    skipped_caption: int = 0  # caption missing or empty
-    dropped_partial: int = 0  # valid samples left over when a shard pass ends mid-batch (webdataset)
-    read_errors: int = 0  # shard/tar level errors (the rest of that shard is skipped)
+    skipped_decode: int = 0
+    missing_caption: int = 0
+    empty_caption: int = 0
+    bad_encoding: int = 0
+    read_errors: int = 0
+    truncated_shards: int = 0
+    dropped_partial: int = 0
+    shortfall: int = 0  # (the fields' meanings are the comments of COUNT_FIELDS)
+    bad_shards: list[str] = field(default_factory=list)  # "url: reason" of each read error / truncation
 
     def add_counts(self, counts: torch.Tensor) -> None:
         for name, value in zip(COUNT_FIELDS, counts.tolist()):
@@ -110,9 +133,11 @@ class DataStats:
 
     @property
     def skipped(self) -> int:
-        return self.skipped_decode + self.skipped_caption
+        """Samples skipped for a bad image or caption."""
+        return sum(getattr(self, k) for k in SAMPLE_SKIPS)
 
     def as_dict(self) -> dict[str, int]:
+        """``seen`` and one count per ``COUNT_FIELDS`` entry (running totals over the epochs iterated)."""
         return {"seen": self.seen, **{k: getattr(self, k) for k in COUNT_FIELDS}}
 
     def summary(self) -> str:
@@ -120,21 +145,27 @@ class DataStats:
 
 
 class CountingLoader:
-    """Iterates ``(images, tokens)`` from a loader of ``(images, tokens, counts)`` and keeps ``stats``."""
+    """Iterates ``(images, tokens)`` from a loader of ``(images, tokens, counts[, problems])`` and keeps
+    ``stats``. ``epoch_dropped``: samples per epoch (on this rank) that do not fill the last batch, added
+    when the epoch's last batch is handed out (a trainer's ``islice`` never asks for one more)."""
 
-    def __init__(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_batches: int,
-                 stats: DataStats) -> None:
+    def __init__(self, loader: Iterable[tuple], num_batches: int, stats: DataStats, epoch_dropped: int = 0) -> None:
         self.loader = loader
         self.num_batches = num_batches
         self.stats = stats
+        self.epoch_dropped = epoch_dropped
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, tokens, counts in self.loader:
+        for i, (images, tokens, counts, *problems) in enumerate(self.loader):
             self.stats.add_counts(counts)
+            for found in problems:
+                self.stats.bad_shards.extend(found)
             self.stats.seen += images.shape[0]
+            if i == self.num_batches - 1:
+                self.stats.dropped_partial += self.epoch_dropped
             yield images, tokens
 
 
@@ -176,6 +207,23 @@ def mix_seed(*parts: int) -> int:
         h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def call_seeded(fn: Callable[[Any], Any], arg: Any, seed: int) -> Any:
+    """``fn(arg)`` with torch's CPU generator and Python's ``random`` seeded from ``seed``, both restored
+    afterwards (torchvision's random transforms draw from these; CUDA generators are left alone)."""
+    gen = torch.default_generator
+    saved_torch, saved_py = gen.get_state(), random.getstate()
+    gen.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return fn(arg)
+    finally:
+        gen.set_state(saved_torch)
+        random.setstate(saved_py)
+
+
+AUGMENT_SALT = 0xA06  # keeps augmentation seeds apart from order/caption seeds made of the same ints
 
 
 class SkipLogger:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from msclip.errors import MissingFileError
 
-from .common import DataSpecError, Transform, counts_tensor, mix_seed
+from .common import AUGMENT_SALT, DataSpecError, Transform, call_seeded, counts_tensor, mix_seed
 from .formats import DataFormatError, read_idx
 
 # Where `apt-get install dataset-fashion-mnist` puts the files (see `dpkg -L dataset-fashion-mnist`).
@@ -107,8 +107,12 @@ class FashionMNISTCaptions(torch.utils.data.Dataset):
         t = self.templates[mix_seed(self.seed, epoch, index) % len(self.templates)]
         return t.format(FASHION_MNIST_CAPTION_NAMES[int(self.labels[index])])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
-        epoch = self.epoch_value.value if self.epoch_value is not None else 0
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, str, torch.Tensor]:
+        if isinstance(key, tuple):  # (epoch, index) from the training sampler
+            epoch, index = int(key[0]), int(key[1])
+        else:
+            epoch, index = (self.epoch_value.value if self.epoch_value is not None else 0), int(key)
         image = Image.fromarray(self.images[index]).convert("RGB")
-        return self.transform(image), self.caption(index, epoch), counts_tensor({})
+        image = call_seeded(self.transform, image, mix_seed(self.seed, epoch, index, AUGMENT_SALT))
+        return image, self.caption(index, epoch), counts_tensor({})
 

@@ -1,9 +1,13 @@
 """Map-style sources (CSV/TSV, Fashion-MNIST, synthetic) behind a DistributedSampler.
 
-A corrupt image or an empty caption is skipped and counted, and the batch slot is filled by the next
-readable row (index + 1, + 2, ...). Batches therefore keep their full size and every rank runs the same
-number of steps, which the cross-rank feature gather of the loss needs (it requires equal shapes; a
-shrunken batch on one rank would fail or hang the all-gather).
+A corrupt image or a missing / empty / non-UTF-8 caption is skipped and counted, and the batch slot is
+filled by the next readable row (index + 1, + 2, ...; counted as ``shortfall``). Batches therefore keep
+their full size and every rank runs the same number of steps, which the cross-rank feature gather of the
+loss needs (it requires equal shapes; a shrunken batch on one rank would fail or hang the all-gather).
+Only the drawn row's own problem is counted, so a bad row is counted once per time the sampler draws it.
+
+The sampler hands the datasets ``(epoch, index)`` keys, and each sample's augmentation is seeded from
+``(seed, epoch, index)``: a sample is the same whichever worker loads it and whatever ran before.
 """
 from __future__ import annotations
 
@@ -19,35 +23,54 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from msclip.errors import MissingFileError
 
-from .common import DataSpecError, SkipLogger, Tokenizer, Transform, counts_tensor, mix_seed
+from .common import (AUGMENT_SALT, DataSpecError, SkipLogger, Tokenizer, Transform, call_seeded, counts_tensor,
+                     mix_seed)
 from .formats import DataFormatError
 
 MAX_SUBSTITUTIONS = 16  # consecutive unreadable rows tolerated before giving up with an error
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """``(epoch, index)`` from a sampler key; a bare index (direct use of a dataset) is epoch 0."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (0, int(key))
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler whose keys carry the epoch: ``(epoch, index)``. The epoch thus travels with
+    each request to the (persistent) workers instead of through shared state."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in super().__iter__())
 
 
 class CsvCaptions(Dataset):
     """Rows of ``image path, caption`` from a CSV/TSV file with a header line."""
 
     def __init__(self, path: str, transform: Transform, image_key: str = "filepath",
-                 caption_key: str = "title", separator: str | None = None, image_root: str | None = None) -> None:
+                 caption_key: str = "title", separator: str | None = None, image_root: str | None = None,
+                 seed: int = 0) -> None:
         file = Path(path)
         if not file.is_file():
             raise MissingFileError(f"CSV/TSV file not found: {path}")
         sep = separator or ("\t" if file.suffix.lower() == ".tsv" else ",")
-        with open(file, newline="", encoding="utf-8") as f:
+        # surrogateescape: a non-UTF-8 caption is counted per row (bad_encoding) instead of failing the file,
+        # and a non-UTF-8 path still names its file (the os module uses the same escape)
+        with open(file, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f, delimiter=sep)
             header = reader.fieldnames or []
             for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):
                 if key not in header:
                     raise DataFormatError(f"{path}: column {key!r} ({what}) not found; columns are {header} "
                                      f"(separator {sep!r})")
-            rows = [(r[image_key] or "", r[caption_key] or "") for r in reader]
+            rows = [(r[image_key] or "", r[caption_key]) for r in reader]  # caption None: the row lacks it
         if not rows:
             raise DataFormatError(f"{path}: no data rows")
         self.root = Path(image_root) if image_root else file.parent
         self.paths = [p for p, _ in rows]
         self.captions = [c for _, c in rows]
         self.transform = transform
+        self.seed = seed
         self.source = str(path)
         self._log = SkipLogger()
 
@@ -56,10 +79,20 @@ class CsvCaptions(Dataset):
 
     def _load(self, index: int) -> tuple[Any, str] | str:
         """The decoded sample, or the name of the counter to bump."""
-        caption = self.captions[index].strip()
+        where = f"{self.source} row {index + 2}"
+        raw = self.captions[index]
+        if raw is None:
+            self._log("no caption column in this row", where)
+            return "missing_caption"
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:  # a surrogate escape: the file's bytes were not UTF-8
+            self._log("caption is not UTF-8", where)
+            return "bad_encoding"
+        caption = raw.strip()
         if not caption:
-            self._log("empty caption", f"{self.source} row {index + 2}")
-            return "skipped_caption"
+            self._log("empty caption", where)
+            return "empty_caption"
         path = Path(self.paths[index])
         path = path if path.is_absolute() else self.root / path
         try:
@@ -70,14 +103,17 @@ class CsvCaptions(Dataset):
             return "skipped_decode"
         return image, caption
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, str, torch.Tensor]:
+        epoch, index = split_key(key)
         counts: dict[str, int] = {}
         for step in range(MAX_SUBSTITUTIONS):
             got = self._load((index + step) % len(self))
             if isinstance(got, str):
-                counts[got] = counts.get(got, 0) + 1
+                if step == 0:  # the substitutes' own problems are counted when they are drawn
+                    counts = {got: 1, "shortfall": 1}
                 continue
-            return self.transform(got[0]), got[1], counts_tensor(counts)
+            image = call_seeded(self.transform, got[0], mix_seed(self.seed, epoch, index, AUGMENT_SALT))
+            return image, got[1], counts_tensor(counts)
         raise RuntimeError(f"{self.source}: {MAX_SUBSTITUTIONS} consecutive rows from row {index + 2} are "
                            "unreadable or have empty captions; check the image paths / image_root")
 
@@ -97,14 +133,17 @@ class SyntheticCaptions(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, str, torch.Tensor]:
+        epoch, index = split_key(key)
         color = self.colors[index % len(self.colors)]
         shape = _SHAPES[(index // len(self.colors)) % len(_SHAPES)]
         rng = np.random.default_rng(mix_seed(self.seed, index))
         noise = rng.integers(-30, 31, size=(self.size, self.size, 3))
         pixels = np.clip(np.array(_COLORS[color]) + noise, 0, 255).astype(np.uint8)
         caption = f"a photo of a {color} {shape}."
-        return self.transform(Image.fromarray(pixels)), caption, counts_tensor({})
+        seed = mix_seed(self.seed, epoch, index, AUGMENT_SALT)
+        image = call_seeded(self.transform, Image.fromarray(pixels), seed)
+        return image, caption, counts_tensor({})
 
 
 class Collate:
@@ -123,7 +162,7 @@ class Collate:
 def map_loader(dataset: Dataset, *, tokenizer: Tokenizer, batch_size: int, workers: int, rank: int,
                world_size: int, seed: int, epoch: int, name: str) -> tuple[DataLoader, DistributedSampler, int]:
     """A shuffling loader of full batches; returns ``(loader, sampler, batches per rank)``."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     num_batches = len(sampler) // batch_size
     if num_batches < 1:
@@ -131,12 +170,19 @@ def map_loader(dataset: Dataset, *, tokenizer: Tokenizer, batch_size: int, worke
                          f"{world_size} rank(s)")
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=Collate(tokenizer), drop_last=True, persistent_workers=workers > 0,
-                        pin_memory=False)
+                        pin_memory=False, generator=loader_generator(seed, rank))
     return loader, sampler, num_batches
 
 
-def csv_dataset(spec: Any, transform: Transform) -> CsvCaptions:
+def loader_generator(seed: int, rank: int) -> torch.Generator:
+    """The DataLoader's own generator: its worker base seeds then never draw from (and so never move) the
+    trainer's global RNG, whether or not a resumed process creates the workers at a different epoch."""
+    return torch.Generator().manual_seed(mix_seed(seed, rank, 0x10AD))
+
+
+def csv_dataset(spec: Any, transform: Transform, seed: int = 0) -> CsvCaptions:
     root = spec.image_root
     if root is not None and not os.path.isdir(root):
         raise MissingFileError(f"image_root not found: {root}")
-    return CsvCaptions(spec.path, transform, spec.csv_image_key, spec.csv_caption_key, spec.csv_separator, root)
+    return CsvCaptions(spec.path, transform, spec.csv_image_key, spec.csv_caption_key, spec.csv_separator, root,
+                       seed=seed)

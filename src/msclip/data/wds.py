@@ -1,12 +1,18 @@
 """WebDataset tar shards in the img2dataset layout (``key.jpg|png|webp`` + ``key.txt|json``).
 
-Pipeline per worker: shard list (shuffled per epoch, the same on every rank) -> split by node (explicit
-rank) and by worker (or, resampled: shards drawn with replacement) -> tar samples -> shuffle buffer -> decode + caption check (skip and count)
--> transform -> batch + tokenize. ``with_epoch`` repeats the worker's shards as needed and stops after
-exactly ``batches_per_worker`` batches, so every worker and rank runs the same number of steps.
+Each DataLoader worker runs one stream per epoch: this rank's and worker's share of the epoch's shard
+permutation (identical on every rank, so ranks partition the shards), read in order -> one seeded sample
+shuffle buffer -> decode + caption check (skip and count) -> seeded augmentation -> full batches. A
+worker whose shards run out before its ``batches_per_worker`` batches re-reads them (a new pass, counted as
+``shortfall``); the buffer and the batch being filled carry across the pass boundary, so no batch is
+dropped there. Resampled: shards are drawn with replacement, one seeded stream per epoch.
 
-Skip counts live in a per-worker ``_WorkerState``; each batch carries the counts accumulated since that
-worker's previous batch, and the main-process ``CountingLoader`` sums them.
+Everything is seeded from ``(seed, epoch, rank, worker[, pass])`` and the sample's position in the stream,
+never from state a worker keeps between epochs: epoch ``e`` is the same in a fresh process as after
+epochs ``0..e-1`` (exact resume). Skip counts are kept per worker for one epoch; each batch carries the
+counts since that worker's previous batch, and the main-process ``CountingLoader`` sums them. Sample
+problems are counted in a worker's first pass over its shards only, so a re-read bad sample is not
+counted twice.
 """
 from __future__ import annotations
 
@@ -14,23 +20,27 @@ import io
 import logging
 import math
 import random
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import get_worker_info
-from webdataset.tariterators import base_plus_ext
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from msclip.errors import MissingFileError
 
-from .common import COUNT_FIELDS, DataSpecError, SkipLogger, Tokenizer, Transform, counts_tensor, mix_seed
+from .common import (AUGMENT_SALT, COUNT_FIELDS, DataSpecError, SkipLogger, Tokenizer, Transform, call_seeded,
+                     counts_tensor, mix_seed)
 from .formats import WDS_IMAGE_KEYS, wds_captions
+from .mapstyle import loader_generator
+from .tars import ShardReadError, ShardTruncated, count_image_keys, iter_samples
 
 log = logging.getLogger(__name__)
-MAX_EMPTY_PASSES = 3  # passes over a worker's shards without a single batch before giving up
+MAX_EMPTY_PASSES = 3  # passes over a worker's shards without a single usable sample before giving up
+CAPTION_COUNTERS = {"missing": "missing_caption", "empty": "empty_caption", "bad_encoding": "bad_encoding",
+                    "bad_json": "bad_encoding"}
+_SHUFFLE_SALT, _PASS_SALT = 7, 0x9A55
 
 
 def is_local(url: str) -> bool:
@@ -54,40 +64,45 @@ def expand_shards(path: str) -> list[str]:
 
 
 def count_samples(urls: list[str]) -> int:
-    """Samples (distinct keys with an image file) in local shards, from the tar headers."""
+    """Samples (distinct keys with an image file) in local shards, from the tar headers. A damaged or cut
+    shard is counted up to the damage, with a warning naming it (training then counts it as it reads)."""
     remote = [u for u in urls if not is_local(u)]
     if remote:
         raise DataSpecError(f"num_samples is required for remote/pipe shards such as {remote[0]!r}")
     total = 0
     for url in urls:
-        keys = set()
-        with tarfile.open(_local_path(url)) as tar:
-            for member in tar:
-                key, ext = base_plus_ext(member.name)
-                if key is not None and member.isreg() and ext.lower() in WDS_IMAGE_KEYS:
-                    keys.add(key)
-        total += len(keys)
+        n, problem = count_image_keys(_local_path(url))
+        if problem:
+            log.warning("%s; counting its %d readable samples", problem, n)  # the problem names the shard
+        total += n
     return total
 
 
-class _WorkerState:
-    """Per-worker skip counts; ``take_delta`` hands the not-yet-reported part to the next batch."""
+class _Counts:
+    """One worker's counts for one epoch; ``take`` hands the not-yet-reported part to the next batch."""
 
     def __init__(self) -> None:
         self.counts = dict.fromkeys(COUNT_FIELDS, 0)
-        self.reported = dict.fromkeys(COUNT_FIELDS, 0)
-        self.passes = 0
-        self.empty_passes = 0
+        self.problems: list[str] = []  # shard problems not yet reported
+        self.reported = dict(self.counts)
         self.log = SkipLogger()
 
-    def skip(self, field: str, reason: str, where: str) -> None:
-        self.counts[field] += 1
-        self.log(reason, where)
+    def skip(self, field: str, reason: str, where: str, pass_index: int) -> None:
+        if pass_index == 0:  # a re-read pass meets the same problems again: counted once
+            self.counts[field] += 1
+            self.log(reason, where)
 
-    def take_delta(self) -> torch.Tensor:
+    def shard_problem(self, field: str, message: str, pass_index: int) -> None:
+        if pass_index == 0:
+            self.counts[field] += 1
+            self.problems.append(message)
+            log.warning("%s; going on with the next shard", message)  # always named: shards are few
+
+    def take(self) -> tuple[torch.Tensor, list[str]]:
         delta = {k: self.counts[k] - self.reported[k] for k in COUNT_FIELDS}
         self.reported = dict(self.counts)
-        return counts_tensor(delta)
+        problems, self.problems = self.problems, []
+        return counts_tensor(delta), problems
 
 
 def _worker() -> tuple[int, int]:
@@ -95,146 +110,176 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-class _ShardSource:
-    """Yields ``{"url": ...}``: this rank's share of a per-epoch permutation, or resampled draws."""
+def _open(url: str) -> Any:
+    return open(_local_path(url), "rb") if is_local(url) else wds.gopen(url)
 
-    def __init__(self, urls: list[str], epoch_value: Any, seed: int, rank: int, world_size: int,
-                 resampled: bool, state: _WorkerState) -> None:
+
+class ShardStream(IterableDataset):
+    """One epoch of full batches ``(images, tokens, counts, shard problems)`` per worker."""
+
+    def __init__(self, urls: list[str], *, epoch_value: Any, seed: int, rank: int, world_size: int,
+                 resampled: bool, shuffle_buffer: int, batches_per_worker: int, batch_size: int,
+                 transform: Transform, tokenizer: Tokenizer) -> None:
         self.urls, self.epoch_value, self.seed = urls, epoch_value, seed
-        self.rank, self.world_size, self.resampled, self.state = rank, world_size, resampled, state
+        self.rank, self.world_size, self.resampled = rank, world_size, resampled
+        self.shuffle_buffer, self.batches_per_worker, self.batch_size = shuffle_buffer, batches_per_worker, batch_size
+        self.transform, self.tokenizer = transform, tokenizer
 
-    def __call__(self) -> Iterator[dict[str, str]]:
-        epoch = self.epoch_value.value
-        self.state.passes += 1
-        if self.resampled:  # with replacement; differs per rank, worker, epoch and pass
-            worker, _ = _worker()
-            rng = random.Random(mix_seed(self.seed, epoch, self.rank, worker, self.state.passes))
+    # --- shards -> raw samples ----------------------------------------------------------------------------
+    def _shards(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[str, int]]:
+        """``(url, pass index)``; ``("", pass)`` marks the end of a pass."""
+        if self.resampled:  # with replacement; one stream per (epoch, rank, worker); every draw counts
+            rng = random.Random(mix_seed(self.seed, epoch, self.rank, worker))
             while True:
-                yield {"url": rng.choice(self.urls)}
+                yield rng.choice(self.urls), 0
         urls = list(self.urls)
         random.Random(mix_seed(self.seed, epoch)).shuffle(urls)  # identical on all ranks: a partition
-        # Split by node, then by worker. Not wds.split_by_*: those read RANK/WORKER/NUM_WORKERS from the
-        # environment, which would override the explicit rank given here.
-        worker, num_workers = _worker()
-        for url in urls[self.rank::self.world_size][worker::num_workers]:
-            yield {"url": url}
+        # Split by node, then by worker (not wds.split_by_*: those read RANK/WORKER from the environment,
+        # which would override the explicit rank given here).
+        mine = urls[self.rank::self.world_size][worker::num_workers]
+        pass_index = 0
+        while True:
+            order = list(mine)
+            if pass_index:  # a re-read pass visits the shards in another (seeded) order
+                random.Random(mix_seed(self.seed, epoch, self.rank, worker, pass_index, _PASS_SALT)).shuffle(order)
+            for url in order:
+                yield url, pass_index
+            yield "", pass_index
+            pass_index += 1
 
+    def _raw_samples(self, epoch: int, worker: int, num_workers: int, counts: _Counts) -> Iterator[dict | None]:
+        """Raw samples; ``None`` after each pass (the shuffle buffer empties there)."""
+        empty_passes, got_any = 0, False
+        for url, pass_index in self._shards(epoch, worker, num_workers):
+            if not url:  # end of a pass
+                empty_passes = 0 if got_any else empty_passes + 1
+                if empty_passes >= MAX_EMPTY_PASSES:
+                    raise RuntimeError(f"a data worker's shards gave no usable sample in {MAX_EMPTY_PASSES} "
+                                       f"passes (counts: {counts.counts})")
+                got_any = False
+                yield None
+                continue
+            try:
+                with _open(url) as stream:
+                    for sample in iter_samples(stream, url):
+                        sample["__pass__"] = pass_index
+                        got_any = True
+                        yield sample
+            except ShardTruncated as err:
+                counts.shard_problem("truncated_shards", str(err), pass_index)
+            except (ShardReadError, OSError) as err:
+                counts.shard_problem("read_errors", str(err) if url in str(err) else f"{url}: {err}", pass_index)
 
-class _ReadErrorHandler:
-    """webdataset exception handler: count the error, log it, keep going with the next shard/member."""
-
-    def __init__(self, state: _WorkerState) -> None:
-        self.state = state
-
-    def __call__(self, exn: Exception) -> bool:
-        self.state.skip("read_errors", f"{type(exn).__name__}: {exn}", "while reading a shard")
-        return True
-
-
-class _Shuffle:
-    """Seeded sample shuffle buffer (webdataset's own draws its seed from the clock)."""
-
-    def __init__(self, bufsize: int, seed: int, rank: int, epoch_value: Any, state: _WorkerState) -> None:
-        self.bufsize, self.seed, self.rank, self.epoch_value, self.state = bufsize, seed, rank, epoch_value, state
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        worker, _ = _worker()
-        rng = random.Random(mix_seed(self.seed, self.epoch_value.value, self.rank, worker, self.state.passes, 7))
+    def _shuffled(self, src: Iterator[dict | None], rng: random.Random) -> Iterator[dict]:
+        """The buffer fills completely before the first draw (no warm-up from a small buffer) and empties
+        at the end of each pass, so a pass's samples are all delivered before any is read again."""
         buf: list[dict] = []
         for sample in src:
+            if sample is None:
+                rng.shuffle(buf)
+                yield from buf
+                buf = []
+                continue
+            if self.shuffle_buffer <= 0:
+                yield sample
+                continue
             buf.append(sample)
-            if len(buf) >= self.bufsize:
+            if len(buf) >= self.shuffle_buffer:
                 i = rng.randrange(len(buf))
                 buf[i], buf[-1] = buf[-1], buf[i]
                 yield buf.pop()
         rng.shuffle(buf)
         yield from buf
 
+    # --- raw -> decoded -----------------------------------------------------------------------------------
+    def _decode(self, sample: dict, counts: _Counts) -> tuple[Any, str] | None:
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        pass_index = sample["__pass__"]  # the buffer mixes two passes near their boundary
+        captions = wds_captions(sample)
+        if captions.problem is not None:
+            counts.skip(CAPTION_COUNTERS[captions.problem], f"caption {captions.problem} (.txt, or .json "
+                        "captions/caption/text)", where, pass_index)
+            return None
+        ext = next((e for e in WDS_IMAGE_KEYS if e in sample), None)
+        if ext is None:
+            counts.skip("skipped_decode", "no image file", where, pass_index)
+            return None
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as img:
+                image = img.convert("RGB")  # forces a full decode
+        except Exception as exn:  # noqa: BLE001 - any decoder failure is a skip
+            counts.skip("skipped_decode", f"{type(exn).__name__}: {exn}", where, pass_index)
+            return None
+        return image, captions.texts[0]
 
-class _Decode:
-    """Raw sample -> ``(image tensor, caption)``; samples without caption or decodable image are counted."""
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
+        epoch = int(self.epoch_value.value)
+        worker, num_workers = _worker()
+        counts = _Counts()
+        stream_seed = mix_seed(self.seed, epoch, self.rank, worker)
+        raw = self._raw_samples(epoch, worker, num_workers, counts)
+        samples = self._shuffled(raw, random.Random(mix_seed(stream_seed, _SHUFFLE_SALT)))
+        try:
+            yield from self._batches(samples, counts, stream_seed)
+        finally:  # close the open shard now, not when the generator is collected
+            samples.close()
+            raw.close()
 
-    def __init__(self, transform: Transform, state: _WorkerState) -> None:
-        self.transform, self.state = transform, state
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[tuple[torch.Tensor, str]]:
-        for sample in src:
-            where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-            captions = wds_captions(sample)
-            if captions.problem is not None:
-                self.state.skip("skipped_caption", f"caption {captions.problem} (.txt, or .json "
-                                "captions/caption/text)", where)
-                continue
-            caption = captions.texts[0]
-            ext = next((e for e in WDS_IMAGE_KEYS if e in sample), None)
-            if ext is None:
-                self.state.skip("skipped_decode", "no image file", where)
-                continue
-            try:
-                with Image.open(io.BytesIO(sample[ext])) as img:
-                    image = img.convert("RGB")  # forces a full decode
-            except Exception as exn:  # noqa: BLE001 - any decoder failure is a skip
-                self.state.skip("skipped_decode", f"{type(exn).__name__}: {exn}", where)
-                continue
-            yield self.transform(image), caption
-
-
-class _Batch:
-    """Full batches only (equal shapes across ranks); leftovers at the end of a pass are counted."""
-
-    def __init__(self, batch_size: int, tokenizer: Tokenizer, state: _WorkerState) -> None:
-        self.batch_size, self.tokenizer, self.state = batch_size, tokenizer, state
-
-    def __call__(self, src: Iterator[tuple[torch.Tensor, str]]
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        images: list[torch.Tensor] = []
-        captions: list[str] = []
-        produced = False
-        for image, caption in src:
-            images.append(image)
-            captions.append(caption)
-            if len(images) == self.batch_size:
-                produced = True
-                self.state.empty_passes = 0
-                yield torch.stack(images), self.tokenizer(captions), self.state.take_delta()
-                images, captions = [], []
-        self.state.counts["dropped_partial"] += len(images)
-        if not produced:
-            self.state.empty_passes += 1
-            if self.state.empty_passes >= MAX_EMPTY_PASSES:
-                raise RuntimeError(f"a data worker's shards gave no full batch of {self.batch_size} in "
-                                   f"{MAX_EMPTY_PASSES} passes (skip counts: {self.state.counts})")
+    def _batches(self, samples: Iterator[dict], counts: _Counts, stream_seed: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
+        position = 0  # samples delivered by this worker in this epoch: the augmentation seed
+        last_usable_pass = 0
+        for _ in range(self.batches_per_worker):
+            images: list[torch.Tensor] = []
+            captions: list[str] = []
+            while len(images) < self.batch_size:
+                sample = next(samples, None)
+                if sample is None:
+                    raise RuntimeError("a data worker's sample stream ended early")  # not reached: passes repeat
+                got = self._decode(sample, counts)
+                if got is None:
+                    if sample["__pass__"] - last_usable_pass >= MAX_EMPTY_PASSES:
+                        raise RuntimeError(f"a data worker's shards gave no usable sample in {MAX_EMPTY_PASSES} "
+                                           f"passes (counts: {counts.counts})")
+                    continue
+                last_usable_pass = sample["__pass__"]
+                if sample["__pass__"] > 0:
+                    counts.counts["shortfall"] += 1
+                images.append(call_seeded(self.transform, got[0], mix_seed(stream_seed, position, AUGMENT_SALT)))
+                captions.append(got[1])
+                position += 1
+            delta, problems = counts.take()
+            yield torch.stack(images), self.tokenizer(captions), delta, problems
 
 
 def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, batch_size: int, workers: int,
-              rank: int, world_size: int, seed: int, epoch_value: Any) -> tuple[wds.WebLoader, int, int, dict]:
-    """Returns ``(loader of (images, tokens, counts), batches per rank, samples per epoch, details)``."""
+              rank: int, world_size: int, seed: int, epoch_value: Any) -> tuple[DataLoader, int, int, dict]:
+    """Returns ``(loader of (images, tokens, counts, problems), batches per rank, samples per epoch, details)``;
+    ``details["expected_samples"]``: the epoch size the shards promise (counted or ``num_samples``)."""
     urls = expand_shards(spec.path)
     n_workers = max(workers, 1)
     streams = world_size * n_workers
     if spec.resampled:
+        total = spec.num_samples
         per_worker = math.ceil(spec.num_samples / (batch_size * streams))
     else:
         if len(urls) < streams:
             raise DataSpecError(f"{spec.path}: {len(urls)} shard(s) for {world_size} rank(s) x {n_workers} "
-                             "worker(s); each needs at least one shard (use more shards, fewer workers, or "
-                             "resampled=True)")
+                                "worker(s); each needs at least one shard (use more shards, fewer workers, or "
+                                "resampled=True)")
         total = spec.num_samples or count_samples(urls)
         per_worker = total // (batch_size * streams)
     if per_worker < 1:
         what = f"num_samples={spec.num_samples}" if spec.num_samples else "the samples in the shards"
         raise DataSpecError(f"{spec.path}: {what} cannot give each of {streams} rank x worker streams "
-                         f"one batch of {batch_size}")
-    state = _WorkerState()
-    stages: list[Any] = [_ShardSource(urls, epoch_value, seed, rank, world_size, spec.resampled, state)]
-    stages.append(wds.tarfile_to_samples(handler=_ReadErrorHandler(state)))
-    if spec.shuffle_buffer > 0:
-        stages.append(_Shuffle(spec.shuffle_buffer, seed, rank, epoch_value, state))
-    stages += [_Decode(image_transform, state), _Batch(batch_size, tokenizer, state)]
-    pipeline = wds.DataPipeline(*stages).with_epoch(per_worker)
-    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=workers > 0)
+                            f"one batch of {batch_size}")
+    dataset = ShardStream(urls, epoch_value=epoch_value, seed=seed, rank=rank, world_size=world_size,
+                          resampled=spec.resampled, shuffle_buffer=spec.shuffle_buffer,
+                          batches_per_worker=per_worker, batch_size=batch_size, transform=image_transform,
+                          tokenizer=tokenizer)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                        persistent_workers=workers > 0, generator=loader_generator(seed, rank))
     num_batches = per_worker * n_workers
-    details = {"shards": len(urls), "batches_per_worker": per_worker}
+    details = {"shards": len(urls), "batches_per_worker": per_worker, "expected_samples": total}
     log.info("webdataset %s: %d shards, %d batches/rank/epoch", spec.path, len(urls), num_batches)
     return loader, num_batches, num_batches * batch_size * world_size, details
