@@ -69,7 +69,7 @@ class DataSpec:
     caption_templates: list[str] | None = None  # fashion_mnist: caption templates with `{}`; null = the 12 built-in
     fashion_mnist_root: str | None = None  # null = $MSCLIP_FASHION_MNIST_ROOT or /usr/share/datasets/fashion-mnist
     split: str = "train"  # fashion_mnist: train | test
-    shuffle_buffer: int = 1000  # webdataset sample shuffle buffer; 0 keeps shard order
+    shuffle_buffer: int = 5000  # webdataset: samples per worker mixed before batching (held encoded); 0 = shard order
     batch_size: int = 32  # per process
     workers: int = 2  # DataLoader worker processes per process
 
