@@ -111,7 +111,7 @@ def test_few_steps_lower_the_loss(tmp_path: Path) -> None:
     loaded = msclip.create_model(TINY, pretrained=res.exported)  # exported weights load in the factory
     final = torch.load(res.last_checkpoint, weights_only=True)["model"]
     assert all(torch.equal(v, final[k]) for k, v in loaded.state_dict().items())
-    assert (res.run_dir / "recipe.yaml").is_file() and (res.run_dir / "train.csv").is_file()
+    assert (res.run_dir / "recipe.yaml").is_file() and (res.run_dir / "metrics-train.csv").is_file()
 
 
 def test_resume_after_interruption_reproduces_weights_exactly(tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ def _report(runs: dict[str, dict], out: Path, plots: list[str], wall: float, thr
         *[f"![{p}]({p})" for p in plots], "",
         "## Files", "",
         *[f"- {label}: run folder `{r['run_dir']}` (resolved recipe `recipe.yaml`, checkpoints in `checkpoints/`, "
-          f"weights `model.safetensors`, metrics `metrics.jsonl` / `train.csv` / `zeroshot.csv`)"
+          f"weights `model.safetensors`, metrics `metrics.jsonl` / `metrics-train.csv` / `metrics-zeroshot.csv`)"
           for label, r in runs.items()],
         "- resolved recipes, copied: " + ", ".join(f"`{r['recipe_copy']}`" for r in runs.values()),
         "- per-class zero-shot accuracy (recall): see `zeroshot.md`", "",

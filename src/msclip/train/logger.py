@@ -1,14 +1,35 @@
-"""Run metrics to ``metrics.jsonl`` (every record), ``<kind>.csv`` (one file per record kind) and TensorBoard."""
+"""Run metrics to ``metrics.jsonl`` (every record), ``metrics-<kind>.csv`` (one file per record kind, e.g.
+``metrics-train.csv``, ``metrics-zeroshot.csv``) and TensorBoard.
+
+A resumed run continues the files of the run it resumes. Records past the resumed step (written by the
+interrupted run after its last checkpoint) are dropped first, so each step appears once in every file.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
+from msclip import io as mio
+
 log = logging.getLogger(__name__)
+
+METRICS_JSONL = "metrics.jsonl"
+
+
+def csv_path(run_dir: str | Path, kind: str) -> Path:
+    """The CSV of one record kind; named so that it is not mistaken for a data file such as ``train.csv``."""
+    return Path(run_dir) / f"metrics-{kind}.csv"
+
+
+def metrics_files(run_dir: str | Path) -> list[Path]:
+    """Every metrics file present in ``run_dir`` (the JSONL and the per-kind CSVs)."""
+    run_dir = Path(run_dir)
+    return [p for p in [run_dir / METRICS_JSONL, *sorted(run_dir.glob("metrics-*.csv"))] if p.is_file()]
 
 
 def _clean(value: Any) -> Any:
@@ -18,23 +39,75 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class RunLogger:
-    """Append-only; on resume the files are appended to (CSV headers are reused)."""
+def _step_of(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+
+def truncate_metrics(run_dir: str | Path, last_step: int) -> int:
+    """Drop the records of steps after ``last_step`` (all of them when ``last_step`` is 0: a fresh start)
+    from every metrics file, rewriting each atomically; returns how many records were dropped."""
+    def keep(step: Any) -> bool:
+        s = _step_of(step)
+        return last_step > 0 and s is not None and s <= last_step
+
+    dropped = 0
+    for path in metrics_files(run_dir):
+        text = path.read_text(errors="replace")
+        if path.suffix == ".jsonl":
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            kept = []
+            for ln in lines:
+                try:
+                    rec = json.loads(ln)
+                except json.JSONDecodeError:  # a line cut by a kill: its step is unknown, drop it
+                    continue
+                if keep(rec.get("step")):
+                    kept.append(ln)
+            if len(kept) != len(lines):
+                mio.write_text(path, "".join(ln + "\n" for ln in kept))
+            dropped += len(lines) - len(kept)
+            continue
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+        if not rows:
+            continue
+        header, body = rows[0], rows[1:]
+        col = header.index("step") if "step" in header else None
+        kept_rows = [r for r in body if col is not None and len(r) == len(header) and keep(r[col])]
+        if len(kept_rows) != len(body):
+            out = io.StringIO(newline="")
+            csv.writer(out).writerows([header, *kept_rows])
+            mio.write_text(path, out.getvalue())
+        dropped += len(body) - len(kept_rows)
+    return dropped
+
+
+class RunLogger:
+    """Appends records; ``start_step``: the step this invocation starts from (the resumed checkpoint's, 0 for
+    a fresh run): records after it are removed from the files first (see ``truncate_metrics``)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 start_step: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        dropped = truncate_metrics(self.run_dir, start_step)
+        if dropped:
+            log.info("metrics: dropped %d record(s) after step %d, written by the earlier run past its last "
+                     "checkpoint", dropped, start_step)
+        self.jsonl = open(self.run_dir / METRICS_JSONL, "a", buffering=1)
         self.csv_cols: dict[str, list[str]] = {}
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the interrupted run's events past the resumed step
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step or None)
             except ImportError:
                 log.warning("tensorboard is not installed; logging to JSONL/CSV only")
 
@@ -50,7 +123,7 @@ class RunLogger:
                     self.tb.add_scalar(f"{kind}/{key}", value, step)
 
     def _write_csv(self, kind: str, record: dict[str, Any]) -> None:
-        path = self.run_dir / f"{kind}.csv"
+        path = csv_path(self.run_dir, kind)
         if kind not in self.csv_cols:
             if path.is_file() and path.stat().st_size > 0:
                 with open(path, newline="") as f:
@@ -71,8 +144,8 @@ class RunLogger:
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """Records from ``metrics.jsonl``; for a resumed run the last record per (kind, step) wins."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """Records from ``metrics.jsonl`` in step order; if a step appears twice the last record wins."""
+    path = Path(run_dir) / METRICS_JSONL
     if not path.is_file():
         return []
     latest: dict[tuple[str, int], dict[str, Any]] = {}

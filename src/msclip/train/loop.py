@@ -9,11 +9,13 @@ import contextlib
 import itertools
 import logging
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -41,8 +43,9 @@ class LoopState:
     samples_seen: int = 0  # global
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
+    skips: dict[str, int] = field(default_factory=dict)  # data skip counts of the run, over ranks, at the save
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -125,7 +128,8 @@ class TrainLoop:
                  scaler: torch.amp.GradScaler | None, loader_factory: Callable[[int], Any], env: DistEnv,
                  settings: LoopSettings, logger: RunLogger, save_fn: Callable[[LoopState, dict], str],
                  eval_fn: Callable[[int], dict[str, float] | None] | None, state: LoopState,
-                 resume_rng: ResumeRng | None = None, stop_after: int | None = None) -> None:
+                 resume_rng: ResumeRng | None = None, stop_after: int | None = None,
+                 stats_fn: Callable[[], dict[str, int]] | None = None) -> None:
         self.model = model  # what forward runs through (DDP-wrapped under torchrun)
         self.unwrapped = unwrapped  # the MSCLIP itself: clipping, clamping, logging
         self.loss_fn = loss_fn
@@ -150,6 +154,12 @@ class TrainLoop:
         self._saved_step = -1
         self.history: list[float] = []  # loss per good optimiser step (this invocation only)
         self._meter_t, self._meter_step, self._data_time = time.perf_counter(), state.step, 0.0
+        # skip counts: this process's data stats (``DataStats.as_dict``) since ``_skip_zero`` (taken after a
+        # resume's replay of the epoch's head, counted by the earlier run), plus the resumed run's totals
+        self.stats_fn = stats_fn
+        self._skip_base = dict(state.skips)
+        self._skip_zero: dict[str, int] | None = None
+        self.start_step, self._run_t0 = state.step, time.perf_counter()
 
     # --- data position -----------------------------------------------------------------------------------
     def _epoch_batches(self) -> Iterator[Any]:
@@ -257,22 +267,58 @@ class TrainLoop:
                 f"at step {st.step}; stopping. Last good checkpoint: {where}. "
                 "Lower optim.lr, set train.grad_clip_norm or use bf16, then --resume latest.")
 
+    # --- reporting -----------------------------------------------------------------------------------------
+    def _local_skips(self) -> dict[str, int]:
+        if self.stats_fn is None:
+            return {}
+        zero = self._skip_zero or {}
+        return {k: v - zero.get(k, 0) for k, v in self.stats_fn().items() if k != "seen"}
+
+    def global_report(self, loss: float = 0.0) -> tuple[float, dict[str, int]]:
+        """``loss`` averaged over ranks and the run's skip counts summed over ranks, in one collective.
+
+        With ``local_loss`` each rank's loss is its rows' part of the global batch's loss (every rank has
+        the same number of rows), so the mean over ranks is the global loss. Every rank must call this.
+        """
+        local = self._local_skips()
+        vec = [float(loss), *map(float, local.values())]
+        if self.env.distributed:
+            t = torch.tensor(vec, dtype=torch.float64, device=self.env.device)
+            dist.all_reduce(t)
+            vec = t.tolist()
+            vec[0] /= self.env.world_size
+        skips = {k: self._skip_base.get(k, 0) + int(round(v)) for k, v in zip(local, vec[1:])}
+        return vec[0], skips
+
     def _log_train(self, result: StepResult, bar: tqdm) -> None:
-        st = self.state
-        if st.step % self.cfg.log_every != 0 and st.step != self.cfg.total_steps:
+        st, cfg = self.state, self.cfg
+        if st.step % cfg.log_every != 0 and st.step != cfg.total_steps:
             return
+        loss, skips = self.global_report(result.loss)  # (on every rank: it is a collective)
         now = time.perf_counter()
         steps = max(st.step - self._meter_step, 1)
-        sps = (st.step - self._meter_step) * self.cfg.global_batch / max(now - self._meter_t, 1e-9)
-        values = {"loss": result.loss, "logit_scale": float(self.unwrapped.logit_scale.detach().exp()),
-                  "samples_per_s": sps, "data_time": self._data_time / steps, "epoch": st.epoch,
+        sps = (st.step - self._meter_step) * cfg.global_batch / max(now - self._meter_t, 1e-9)
+        data_time = self._data_time / steps
+        values = {"loss": loss, "logit_scale": float(self.unwrapped.logit_scale.detach().exp()),
+                  "samples_per_s": sps, "data_time": data_time, "epoch": st.epoch,
                   "samples": st.samples_seen, "nonfinite_total": st.nonfinite_total}
         values.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
         if result.grad_norm is not None:
             values["grad_norm"] = result.grad_norm
+        values.update(skips)
         self.logger.log("train", st.step, values)
-        bar.set_postfix(loss=f"{result.loss:.4f}", samples_s=f"{sps:.0f}")
         self._meter_t, self._meter_step, self._data_time = now, st.step, 0.0
+        if not self.env.is_master:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not bar.disable:  # a terminal: the bar carries the numbers
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{sps:.0f}")
+            return
+        done = st.step - self.start_step
+        eta = (cfg.total_steps - st.step) * (now - self._run_t0) / max(done, 1)
+        nonzero = ", ".join(f"{k} {v}" for k, v in skips.items() if v)
+        log.info("step %d/%d | loss %.4f | lr %.3g | %.0f samples/s | data %.3f s/step | ETA %s | skipped: %s",
+                 st.step, cfg.total_steps, loss, lr, sps, data_time, format_duration(eta), nonzero or "none")
 
     def _maybe_save(self, result: StepResult) -> None:
         st, every = self.state, self.cfg.save_every
@@ -282,6 +328,7 @@ class TrainLoop:
 
     def _save(self) -> None:
         st = self.state
+        _, st.skips = self.global_report()  # the run's skip counts travel with the checkpoint
         # mid-epoch the epoch's starting RNG is needed to replay its shuffle order on resume
         self.last_checkpoint = self.save_fn(st, self.epoch_rng if st.batch_in_epoch else {})
         self._saved_step = st.step
@@ -306,17 +353,25 @@ class TrainLoop:
         self.model.train()
         if metrics:
             self.logger.log("zeroshot", step, metrics)
+            log.info("zero-shot at step %d: top-1 %.2f %%, top-5 %.2f %% (%s images)", step,
+                     metrics.get("top1_pct", float("nan")), metrics.get("top5_pct", float("nan")),
+                     metrics.get("images", "?"))
 
     # --- the loop ------------------------------------------------------------------------------------------
     def run(self) -> LoopState:
         st, total = self.state, self.cfg.total_steps
         start_step = st.step
         self.model.train()
-        with tqdm(total=total, initial=st.step, disable=not (self.cfg.progress and self.env.is_master),
+        # a bar only on a terminal: redirected, its redraws would fill the log; plain lines are logged instead
+        bar_on = self.cfg.progress and self.env.is_master and _is_terminal()
+        with tqdm(total=total, initial=st.step, disable=not bar_on,
                   unit="step", dynamic_ncols=True, desc="train") as bar:
             while st.step < total:
                 epoch = st.epoch
-                for micro in self._micro_batches(self._epoch_batches()):
+                batches = self._epoch_batches()
+                if self._skip_zero is None:  # after a resume's replay: those samples were counted before
+                    self._skip_zero = self._local_skips()
+                for micro in self._micro_batches(batches):
                     result = self.train_step(micro)
                     self._advance(result)
                     bar.update(1)
@@ -334,3 +389,19 @@ class TrainLoop:
                                 st.batch_in_epoch, self.cfg.steps_per_epoch * self.cfg.accum_freq)
                     st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         return st
+
+
+def _is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    """``1:02:03`` / ``2:03``, for ETAs and run times."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"

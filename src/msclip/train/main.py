@@ -26,8 +26,8 @@ from msclip.io import remove_stale_temporaries
 from msclip.loss import ClipLoss
 from msclip.model import MSCLIP
 from msclip.train import distributed as D
-from msclip.train.logger import RunLogger
-from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop
+from msclip.train.logger import METRICS_JSONL, RunLogger, csv_path
+from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop, format_duration
 from msclip.train.optim import build_optimizer
 from msclip.train.precision import get_precision
 from msclip.train.recipe import Recipe, RecipeError, save_recipe
@@ -50,6 +50,13 @@ class TrainResult:
     precision: str = "fp32"
     wall_s: float = 0.0
     stopped_by: int = 0  # the signal (SIGINT/SIGTERM) that stopped the run at a checkpoint; 0 = none
+    start_step: int = 0  # the step this invocation started from (the resumed checkpoint's; 0 when fresh)
+    skips: dict[str, int] = field(default_factory=dict)  # the run's data skip counts (over ranks and resumes)
+
+    @property
+    def steps_run(self) -> int:
+        """Optimiser steps done by this invocation."""
+        return self.state.step - self.start_step
 
 
 def seed_everything(seed: int) -> None:
@@ -137,7 +144,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
         log.info("run %s: %s, %d steps (%d per epoch), global batch %d, precision %s, %d process(es); params %s",
                  run_dir, recipe.model, plan.total, plan.steps_per_epoch, plan.global_batch, precision.name,
                  env.world_size, model.parameter_counts())
-    logger = RunLogger(run_dir, enabled=env.is_master, tensorboard=recipe.log.tensorboard)
+    logger = RunLogger(run_dir, enabled=env.is_master, tensorboard=recipe.log.tensorboard, start_step=state.step)
     saver = CheckpointWriter(run_dir, model, optimizer, scheduler, scaler, env, plan.total,
                              recipe.checkpoint.keep_last)
     saver.last_finite = resume[0] if resume else ""
@@ -158,11 +165,14 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
         optimizer=optimizer, scheduler=scheduler, precision=precision, scaler=scaler,
         loader_factory=loader_for_epoch, env=env, settings=_loop_settings(recipe, plan), logger=logger,
         save_fn=saver, eval_fn=evaluate if recipe.zeroshot.kind else None, state=state, resume_rng=rng,
-        stop_after=stop_after)
+        stop_after=stop_after, stats_fn=data.stats.as_dict)
     loop.last_checkpoint = saver.last_finite
     loop.stop_request = stop
     try:
         state = loop.run()
+        _, skips = loop.global_report()  # (every rank: a collective)
+        if env.is_master:
+            _log_summary(logger, loop, plan.total, skips, time.perf_counter() - t_start)
     finally:
         logger.close()
     exported = ""
@@ -172,7 +182,23 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
     D.barrier(env)
     return TrainResult(run_dir=run_dir, state=state, total_steps=plan.total, losses=loop.history,
                        last_checkpoint=loop.last_checkpoint, exported=exported, precision=precision.name,
-                       wall_s=time.perf_counter() - t_start, stopped_by=loop.stopped_by)
+                       wall_s=time.perf_counter() - t_start, stopped_by=loop.stopped_by,
+                       start_step=loop.start_step, skips=skips)
+
+
+def _log_summary(logger: RunLogger, loop: TrainLoop, total: int, skips: dict[str, int], wall_s: float) -> None:
+    """The closing line and ``summary`` record: the steps this invocation ran and the run's totals."""
+    st, first = loop.state, loop.start_step
+    ran = st.step - first
+    steps = f"steps {first + 1}..{st.step} of {total}" if ran else f"no step (at step {st.step} of {total})"
+    resumed = f", resumed at step {first}" if first else ""
+    nonzero = ", ".join(f"{k} {v}" for k, v in skips.items() if v)
+    log.info("%s: %s (%d in this run%s, %d done in total) in %s; samples %d; skipped: %s",
+             "finished" if st.step >= total else "stopped", steps, ran, resumed, st.step, format_duration(wall_s),
+             st.samples_seen, nonzero or "none")
+    logger.log("summary", st.step, {"start_step": first, "steps_this_run": ran, "steps_total": st.step,
+                                    "total_steps": total, "samples": st.samples_seen, "wall_s": wall_s,
+                                    "nonfinite_total": st.nonfinite_total, **skips})
 
 
 # --- set-up ---------------------------------------------------------------------------------------------
@@ -222,13 +248,13 @@ def _reuse_problem(recipe: Recipe, run_dir: Path) -> str:
 
 def _clear_previous_run(run_dir: Path) -> None:
     """Remove what an earlier run wrote here (checkpoints, export, metrics), so nothing of it mixes in."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_JSONL
     kinds = set()
     if metrics.is_file():
         for line in metrics.read_text(errors="replace").splitlines():
             kinds.add(str(json.loads(line).get("kind", "")) if line.startswith("{") else "")
     doomed = [p for _, p in list_checkpoints(checkpoint_dir(run_dir))]
-    doomed += [run_dir / EXPORT_NAME, metrics] + [run_dir / f"{k}.csv" for k in kinds if k]
+    doomed += [run_dir / EXPORT_NAME, metrics] + [csv_path(run_dir, k) for k in kinds if k]
     for path in doomed:
         path.unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
