@@ -146,7 +146,7 @@ def tux_retrieval(args: argparse.Namespace) -> int:
     results = {}
     for model in args.models:
         run_name = f"tux-{model}"
-        _run_cli(["train", "--model", model, "--name", run_name, "--output_dir", str(out / "runs"),
+        _run_cli(["train", "--overwrite", "--model", model, "--name", run_name, "--output_dir", str(out / "runs"),
                   "data.kind=csv", f"data.path={out / 'tux' / 'train.csv'}", "data.csv_image_key=image",
                   f"data.image_root={out / 'tux' / 'train'}",
                   "data.csv_caption_key=caption", f"data.batch_size={args.batch_size}", "data.workers=1",

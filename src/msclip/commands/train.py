@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{result.last_checkpoint}; resume with: {resume_hint(args, result.run_dir)}", file=sys.stderr)
         return 128 + result.stopped_by
     if master:
-        print(f"run folder: {result.run_dir} ({result.state.step} steps, {result.wall_s:.1f} s)")
+        print(f"run folder: {result.run_dir} ({result.steps_run} steps in this run, {result.state.step} of "
+              f"{result.total_steps} done, {result.wall_s:.1f} s)")
         if result.exported:
             print(f"weights: {result.exported} (msclip.create_model({recipe.model!r}, pretrained=...))")
     return 0

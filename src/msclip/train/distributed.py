@@ -80,15 +80,6 @@ def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
     return box[0]
 
 
-def all_reduce_max(value: float, env: DistEnv) -> float:
-    """Max over ranks; used so that every rank takes the same skip/abort decision."""
-    if not env.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def max_over_ranks(values: list[float], env: DistEnv) -> list[float]:
     """Element-wise max over ranks in one collective, so that every rank takes the same skip / stop
     decision (a flag set on any rank is set on all)."""

@@ -78,7 +78,7 @@ class CheckpointRecipe:
 @dataclass
 class LogRecipe:
     every: int = 10  # steps between log lines (> 0)
-    progress: bool = True  # progress bar on a terminal
+    progress: bool = True  # progress bar on a terminal (else, and without one, a plain line every log.every steps)
     tensorboard: bool = True  # also write TensorBoard events into the run folder
 
 
