@@ -52,18 +52,19 @@ def test_train_prints_the_run_and_maps_nonfinite_to_3(monkeypatch, tmp_path, cap
 
     seen = {}
 
-    def fake_train(recipe):
+    def fake_train(recipe, **kw):
         seen["recipe"] = recipe
-        return SimpleNamespace(run_dir=tmp_path / "r", state=SimpleNamespace(step=5), wall_s=1.0,
-                               exported=str(tmp_path / "r" / "model.safetensors"))
+        # a resumed run: 3 steps in this process, 5 of 5 done
+        return SimpleNamespace(run_dir=tmp_path / "r", state=SimpleNamespace(step=5), total_steps=5, steps_run=3,
+                               wall_s=1.0, exported=str(tmp_path / "r" / "model.safetensors"), stopped_by=None)
 
     monkeypatch.setattr(T, "train", fake_train)
     assert cli.main(["train", "model=clip-b32-tiny", "train.steps=5", "--data.shuffle_buffer", "3"]) == 0
     out = capsys.readouterr().out
-    assert f"run folder: {tmp_path / 'r'} (5 steps" in out and "model.safetensors" in out
+    assert f"run folder: {tmp_path / 'r'} (3 steps in this run, 5 of 5 done" in out and "model.safetensors" in out
     assert seen["recipe"].data.shuffle_buffer == 3 and seen["recipe"].train.steps == 5
 
-    monkeypatch.setattr(T, "train", lambda recipe: (_ for _ in ()).throw(NonFiniteLossError("5 in a row")))
+    monkeypatch.setattr(T, "train", lambda recipe, **kw: (_ for _ in ()).throw(NonFiniteLossError("5 in a row")))
     assert cli.main(["train", "model=clip-b32-tiny", "train.steps=5"]) == 3
     assert "msclip train: stopped: 5 in a row" in capsys.readouterr().err
 

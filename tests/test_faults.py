@@ -187,7 +187,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resumes_exactly(
     assert max(r["step"] for r in rows) == step  # stopped after finishing the step it was in, and saved it
     stop_lines = [line for line in err.splitlines() if line.startswith("msclip train: stopped")]
     assert len(stop_lines) == 1
-    assert f"step_{step:08d}.pt" in stop_lines[0] and f"name=sig resume=latest" in stop_lines[0]
+    assert f"step_{step:08d}.pt" in stop_lines[0] and "name=sig resume=latest" in stop_lines[0]
     assert f"output_dir={tmp_path}" in stop_lines[0]
 
     resumed = train(tiny_recipe(tmp_path, "sig", resume="latest", train__steps=STEPS))

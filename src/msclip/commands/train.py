@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.config, collect_overrides(args))  # a RecipeError is printed by msclip.cli
     try:
-        result = train(recipe, **({"overwrite": True} if args.overwrite else {}))
+        result = train(recipe, overwrite=args.overwrite)
     except NonFiniteLossError as err:
         print(f"msclip train: stopped: {err}", file=sys.stderr)
         return EXIT_NONFINITE
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print("msclip train: interrupted before the first step; nothing was saved", file=sys.stderr)
         return 128 + signal.SIGINT
     master = int(os.environ.get("RANK", "0")) == 0
-    if getattr(result, "stopped_by", 0):
+    if result.stopped_by:
         if master:
             name = signal.Signals(result.stopped_by).name
             print(f"msclip train: stopped by {name} at step {result.state.step}; checkpoint "
