@@ -13,24 +13,11 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from byte_tokenizer import CTX, byte_tokenize as stub_tokenizer, decode
 from msclip.data import COUNT_FIELDS, DataSpec, build_train_data
 from msclip.data import fashion_mnist as fm
 
-CTX = 24
 TRANSFORM = T.Compose([T.Resize((16, 16)), T.ToTensor()])
-
-
-def stub_tokenizer(texts: list[str]) -> torch.Tensor:
-    """Invertible stand-in for the BPE tokenizer: utf-8 bytes, zero padded (module level: picklable)."""
-    out = torch.zeros(len(texts), CTX, dtype=torch.long)
-    for i, t in enumerate(texts):
-        b = list(t.encode())[:CTX]
-        out[i, :len(b)] = torch.tensor(b)
-    return out
-
-
-def decode(tokens: torch.Tensor) -> list[str]:
-    return [bytes([v for v in row.tolist() if v]).decode() for row in tokens]
 
 
 def image_bytes(fmt: str, seed: int) -> bytes:

@@ -12,24 +12,12 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw
 
+from byte_tokenizer import byte_tokenize as tokenize, decode
 from msclip.data import COUNT_FIELDS, DataSpec, build_train_data
 from msclip.data.wds import count_samples
 
-CTX = 24
 # random augmentation, so a replay only matches when the augmentation RNG is reproduced
 AUGMENT = T.Compose([T.RandomResizedCrop(16, scale=(0.3, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
-
-
-def tokenize(texts: list[str]) -> torch.Tensor:
-    out = torch.zeros(len(texts), CTX, dtype=torch.long)
-    for i, t in enumerate(texts):
-        b = list(t.encode())[:CTX]
-        out[i, :len(b)] = torch.tensor(b)
-    return out
-
-
-def decode(tokens: torch.Tensor) -> list[str]:
-    return [bytes([v for v in row.tolist() if v]).decode() for row in tokens]
 
 
 def shape_png(i: int) -> bytes:
