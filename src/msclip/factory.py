@@ -82,7 +82,7 @@ def create_model(name_or_path: str | os.PathLike, pretrained: str | os.PathLike 
             pretrained = default
         elif default:
             log.warning("%s: MODEL.PRETRAINED_MODEL %s not found; using random weights", name, default)
-    model = MSCLIP(cfg)
+    model = MSCLIP(cfg, fit_batchnorm_stats=pretrained is None)  # loaded weights bring their own statistics
     if pretrained is not None:
         load_pretrained(model, pretrained)
     model.to(device=device, dtype=_PRECISIONS[precision])
