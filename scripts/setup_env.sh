@@ -10,6 +10,8 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 echo "[setup] installing pinned requirements (torch==2.14.1, torchvision==0.29.1, ...)"
 "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# CLIP_benchmark (test oracle, loader target): --no-deps so pip never re-resolves torch or pulls transformers.
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps clip-benchmark==1.6.2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # --no-deps: requirements.txt already pinned everything; this keeps pip from re-resolving torch.
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 "$VENV/bin/python" - <<'PY'
