@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from msclip.data.device_batch import images_to_model_input
 from msclip.loss import ClipLoss
 from msclip.model import MSCLIP
 from msclip.train.distributed import DistEnv, max_over_ranks
@@ -187,7 +188,8 @@ class TrainLoop:
         dev = self.env.device
         # cut to the longest caption on the CPU, before the copy, with the model's rule (rounded lengths)
         tokens = self.unwrapped.trim_tokens(tokens)
-        return images.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True)
+        pre = self.unwrapped.cfg.preprocess
+        return images_to_model_input(images, dev, pre.mean, pre.std), tokens.to(dev, non_blocking=True)
 
     def _micro_batches(self, batches: Iterator[Any]) -> Iterator[list[MicroBatch]]:
         """Groups of ``accum_freq`` micro-batches, one per optimiser step."""
