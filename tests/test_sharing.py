@@ -121,3 +121,46 @@ def test_gradients_from_both_modalities_accumulate():
     model.zero_grad()
     (model.encode_image(images).sum() + model.encode_text(tokens).sum()).backward()
     torch.testing.assert_close(w.grad, g_img + g_txt, atol=1e-6, rtol=1e-5)
+
+
+# The study's added spectrum points (issue 13): {config: (shared components, layers they are shared at,
+# layers only the text runs)} at full size and tiny size (12 / 6 trunk layers). A layer outside the set has
+# every component per modality; a text-only layer (the conv stem took the image's slot) has text parts only.
+ATTN_MLP = {"attn_in", "attn_out", "mlp"}
+LAYER_PLAN = {
+    "msclip-b32-es": (ATTN_MLP, lambda n: set(range(1, n)), lambda n: {0}),
+    "msclip-b32-pb": (ATTN_MLP, lambda n: set(range(n)), lambda n: set()),
+    "msclip-b32-bottom": (ATTN_MLP, lambda n: set(range(n // 2)), lambda n: set()),
+    "msclip-b32-top": (ATTN_MLP, lambda n: set(range(n // 2, n)), lambda n: set()),
+}
+
+
+@pytest.mark.parametrize("name", [n + s for n in sorted(LAYER_PLAN) for s in ("", "-tiny")])
+def test_study_variants_declare_their_sets(name):
+    comps, shared_at, text_only = LAYER_PLAN[name.removesuffix("-tiny")]
+    model = meta(name)
+    n = len(model.trunk.blocks)
+    assert n == (6 if name.endswith("-tiny") else 12)
+    for layer, block in enumerate(model.trunk.blocks):
+        for comp in COMPONENTS:
+            keys = set(getattr(block, comp).keys())
+            if layer in text_only(n):
+                assert keys == {"text"}, (name, layer, comp)
+            elif comp in comps and layer in shared_at(n):
+                assert keys == {"shared"}, (name, layer, comp)
+            else:
+                assert keys == {"image", "text"}, (name, layer, comp)
+    # early specialization = the conv stem; the parallel branch only where declared
+    assert (model.cfg.vision.stem == "conv") == name.startswith("msclip-b32-es")
+    assert (model.cfg.parallel is not None) == name.startswith("msclip-b32-pb")
+
+
+def test_study_variants_differ_from_msclip_b32_only_where_declared():
+    """es = msclip-b32 + the conv stem (its image slot 0 and its block-0 text-only layer); pb = msclip-b32 + the
+    parallel branch; bottom/top = msclip-b32 shared on half the layers: the shared count follows."""
+    counts = {n: meta(n).parameter_counts() for n in ("msclip-b32", *LAYER_PLAN)}
+    per_layer = counts["msclip-b32"]["shared"] // 12
+    assert counts["msclip-b32-pb"]["shared"] == counts["msclip-b32"]["shared"]
+    assert counts["msclip-b32-pb"]["image"] > counts["msclip-b32"]["image"]  # + branch and adapters
+    assert counts["msclip-b32-es"]["shared"] == 11 * per_layer
+    assert counts["msclip-b32-bottom"]["shared"] == counts["msclip-b32-top"]["shared"] == 6 * per_layer
