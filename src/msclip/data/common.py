@@ -15,15 +15,19 @@ changes the trainer's RNG.
 """
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing as mp
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from PIL import Image
 
 from msclip.errors import MsclipError
+from msclip.transforms import UndecodableImage
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ COUNT_FIELDS = (
 )
 SAMPLE_SKIPS = COUNT_FIELDS[:4]  # the per-sample skip categories
 KINDS = ("webdataset", "csv", "fashion_mnist", "synthetic")
+DECODE_PLACES = ("cpu", "gpu")
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Transform = Callable[[Any], torch.Tensor]
@@ -72,6 +77,9 @@ class DataSpec:
     shuffle_buffer: int = 5000  # webdataset: samples per worker mixed before batching (held encoded); 0 = shard order
     batch_size: int = 32  # per process
     workers: int = 2  # DataLoader worker processes per process
+    # webdataset/csv: where JPEGs are decoded: cpu (loader workers; reduced-size decode) | gpu (nvJPEG on the
+    # training GPU, in batches; for when the CPU cores cannot keep up; needs CUDA)
+    decode: str = "cpu"
 
     def problems(self, prefix: str = "") -> list[str]:
         """Every unusable value, each naming its field (``prefix`` + name) and value."""
@@ -98,6 +106,13 @@ class DataSpec:
             bad("batch_size", "must be >= 1")
         if self.workers < 0:
             bad("workers", "must be >= 0 (0 loads in the main process)")
+        if self.decode not in DECODE_PLACES:
+            bad("decode", f"unknown; expected one of {', '.join(DECODE_PLACES)}")
+        elif self.decode == "gpu":
+            if self.kind not in ("webdataset", "csv"):
+                bad("decode", f"gpu decoding is for image-file sources (webdataset, csv), not {self.kind!r}")
+            elif not torch.cuda.is_available():
+                bad("decode", "gpu decoding needs CUDA, and torch sees no CUDA device here; use decode=cpu")
         if self.caption_templates is not None:
             if not self.caption_templates:
                 bad("caption_templates", "must not be empty (null uses the defaults)")
@@ -238,3 +253,28 @@ class SkipLogger:
             self.logged += 1
             more = " (further skips are only counted)" if self.logged == self.limit else ""
             log.warning("skipping sample %s: %s%s", where, reason, more)
+
+
+def pin_memory_default() -> bool:
+    """Pin the loaders' batches when CUDA is there: the trainer's ``non_blocking`` copy is then asynchronous.
+    (A loader does not know the trainer's device; on a CUDA host training on the CPU pinning only costs
+    page-locked memory.)"""
+    return torch.cuda.is_available()
+
+
+def transform_image_file(transform: Transform, source: bytes | str | os.PathLike, seed: int,
+                         plan: bool = False) -> Any:
+    """The seeded training transform of one image file (``bytes`` or a path); raises UndecodableImage.
+
+    A transform with ``decodes_files`` (msclip's ``TrainTransform``) gets the encoded file: its fast path
+    (reduced JPEG decode, uint8 out), or with ``plan`` the box and bytes for the device decoder. Any other
+    transform gets the fully decoded RGB PIL image, as before."""
+    if getattr(transform, "decodes_files", False):
+        fn = transform.plan_encoded if plan else transform.from_encoded  # type: ignore[attr-defined]
+        return call_seeded(fn, source, seed)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            image = img.convert("RGB")  # forces a full decode
+    except Exception as exn:  # noqa: BLE001 - any decoder failure is a skip
+        raise UndecodableImage(f"{type(exn).__name__}: {exn}") from None
+    return call_seeded(transform, image, seed)

@@ -22,9 +22,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from msclip.errors import MissingFileError
+from msclip.transforms import UndecodableImage
 
 from .common import (AUGMENT_SALT, DataSpecError, SkipLogger, Tokenizer, Transform, call_seeded, counts_tensor,
-                     mix_seed)
+                     mix_seed, pin_memory_default, transform_image_file)
+from .device_batch import DeviceDecoder, stack_images
 from .formats import DataFormatError
 
 MAX_SUBSTITUTIONS = 16  # consecutive unreadable rows tolerated before giving up with an error
@@ -49,7 +51,7 @@ class CsvCaptions(Dataset):
 
     def __init__(self, path: str, transform: Transform, image_key: str = "filepath",
                  caption_key: str = "title", separator: str | None = None, image_root: str | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, decode: str = "cpu") -> None:
         file = Path(path)
         if not file.is_file():
             raise MissingFileError(f"CSV/TSV file not found: {path}")
@@ -70,15 +72,15 @@ class CsvCaptions(Dataset):
         self.paths = [p for p, _ in rows]
         self.captions = [c for _, c in rows]
         self.transform = transform
-        self.seed = seed
+        self.seed, self.decode = seed, decode
         self.source = str(path)
         self._log = SkipLogger()
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _load(self, index: int) -> tuple[Any, str] | str:
-        """The decoded sample, or the name of the counter to bump."""
+    def _load(self, index: int, seed: int) -> tuple[Any, str] | str:
+        """The transformed sample (image decoded inside the seeded transform), or the counter to bump."""
         where = f"{self.source} row {index + 2}"
         raw = self.captions[index]
         if raw is None:
@@ -96,24 +98,23 @@ class CsvCaptions(Dataset):
         path = Path(self.paths[index])
         path = path if path.is_absolute() else self.root / path
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")  # forces a full decode
-        except Exception as exn:  # noqa: BLE001 - any decoder failure is a skip
-            self._log(f"image not readable ({type(exn).__name__}: {exn})", str(path))
+            image = transform_image_file(self.transform, path, seed, plan=self.decode == "gpu")
+        except (UndecodableImage, OSError) as exn:  # OSError: a missing file (read before the decoder)
+            self._log(f"image not readable ({exn})", str(path))
             return "skipped_decode"
         return image, caption
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, str, torch.Tensor]:
         epoch, index = split_key(key)
         counts: dict[str, int] = {}
+        seed = mix_seed(self.seed, epoch, index, AUGMENT_SALT)
         for step in range(MAX_SUBSTITUTIONS):
-            got = self._load((index + step) % len(self))
+            got = self._load((index + step) % len(self), seed)
             if isinstance(got, str):
                 if step == 0:  # the substitutes' own problems are counted when they are drawn
                     counts = {got: 1, "shortfall": 1}
                 continue
-            image = call_seeded(self.transform, got[0], mix_seed(self.seed, epoch, index, AUGMENT_SALT))
-            return image, got[1], counts_tensor(counts)
+            return got[0], got[1], counts_tensor(counts)
         raise RuntimeError(f"{self.source}: {MAX_SUBSTITUTIONS} consecutive rows from row {index + 2} are "
                            "unreadable or have empty captions; check the image paths / image_root")
 
@@ -154,7 +155,7 @@ class Collate:
 
     def __call__(self, batch: list[tuple[torch.Tensor, str, torch.Tensor]]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images = torch.stack([b[0] for b in batch])
+        images = stack_images([b[0] for b in batch])
         tokens = self.tokenizer([b[1] for b in batch])
         return images, tokens, torch.stack([b[2] for b in batch]).sum(0)
 
@@ -170,7 +171,9 @@ def map_loader(dataset: Dataset, *, tokenizer: Tokenizer, batch_size: int, worke
                          f"{world_size} rank(s)")
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=Collate(tokenizer), drop_last=True, persistent_workers=workers > 0,
-                        pin_memory=False, generator=loader_generator(seed, rank))
+                        pin_memory=pin_memory_default(), generator=loader_generator(seed, rank))
+    if getattr(dataset, "decode", "cpu") == "gpu":  # CSV images planned in the workers, decoded here
+        return DeviceDecoder(loader, dataset.transform), sampler, num_batches  # type: ignore[attr-defined]
     return loader, sampler, num_batches
 
 
@@ -184,5 +187,8 @@ def csv_dataset(spec: Any, transform: Transform, seed: int = 0) -> CsvCaptions:
     root = spec.image_root
     if root is not None and not os.path.isdir(root):
         raise MissingFileError(f"image_root not found: {root}")
+    if spec.decode == "gpu" and not getattr(transform, "decodes_files", False):
+        raise DataSpecError(f"{spec.path}: decode=gpu needs msclip's training transform (TrainTransform from "
+                            f"create_model_and_transforms), not {type(transform).__name__}")
     return CsvCaptions(spec.path, transform, spec.csv_image_key, spec.csv_caption_key, spec.csv_separator, root,
-                       seed=seed)
+                       seed=seed, decode=spec.decode)

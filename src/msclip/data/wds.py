@@ -25,13 +25,14 @@ from typing import Any, Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from msclip.errors import MissingFileError
+from msclip.transforms import UndecodableImage
 
-from .common import (AUGMENT_SALT, COUNT_FIELDS, DataSpecError, SkipLogger, Tokenizer, Transform, call_seeded,
-                     counts_tensor, mix_seed)
+from .common import (AUGMENT_SALT, COUNT_FIELDS, DataSpecError, SkipLogger, Tokenizer, Transform, counts_tensor,
+                     mix_seed, pin_memory_default, transform_image_file)
+from .device_batch import DeviceDecoder, stack_images
 from .formats import WDS_IMAGE_KEYS, wds_captions
 from .mapstyle import loader_generator
 from .tars import ShardReadError, ShardTruncated, count_image_keys, iter_samples
@@ -119,11 +120,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, epoch_value: Any, seed: int, rank: int, world_size: int,
                  resampled: bool, shuffle_buffer: int, batches_per_worker: int, batch_size: int,
-                 transform: Transform, tokenizer: Tokenizer) -> None:
+                 transform: Transform, tokenizer: Tokenizer, decode: str = "cpu") -> None:
         self.urls, self.epoch_value, self.seed = urls, epoch_value, seed
         self.rank, self.world_size, self.resampled = rank, world_size, resampled
         self.shuffle_buffer, self.batches_per_worker, self.batch_size = shuffle_buffer, batches_per_worker, batch_size
-        self.transform, self.tokenizer = transform, tokenizer
+        self.transform, self.tokenizer, self.decode = transform, tokenizer, decode
 
     # --- shards -> raw samples ----------------------------------------------------------------------------
     def _shards(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[str, int]]:
@@ -191,8 +192,10 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    # --- raw -> decoded -----------------------------------------------------------------------------------
-    def _decode(self, sample: dict, counts: _Counts) -> tuple[Any, str] | None:
+    # --- raw -> transformed --------------------------------------------------------------------------------
+    def _transformed(self, sample: dict, counts: _Counts, seed: int) -> tuple[Any, str] | None:
+        """``(image, caption)``, or None for a skipped (and counted) sample. The image is decoded inside the
+        seeded transform: msclip's draws the crop box before it decodes (at reduced size)."""
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         pass_index = sample["__pass__"]  # the buffer mixes two passes near their boundary
         captions = wds_captions(sample)
@@ -205,10 +208,9 @@ class ShardStream(IterableDataset):
             counts.skip("skipped_decode", "no image file", where, pass_index)
             return None
         try:
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                image = img.convert("RGB")  # forces a full decode
-        except Exception as exn:  # noqa: BLE001 - any decoder failure is a skip
-            counts.skip("skipped_decode", f"{type(exn).__name__}: {exn}", where, pass_index)
+            image = transform_image_file(self.transform, sample[ext], seed, plan=self.decode == "gpu")
+        except UndecodableImage as exn:
+            counts.skip("skipped_decode", str(exn), where, pass_index)
             return None
         return image, captions.texts[0]
 
@@ -236,7 +238,7 @@ class ShardStream(IterableDataset):
                 sample = next(samples, None)
                 if sample is None:
                     raise RuntimeError("a data worker's sample stream ended early")  # not reached: passes repeat
-                got = self._decode(sample, counts)
+                got = self._transformed(sample, counts, mix_seed(stream_seed, position, AUGMENT_SALT))
                 if got is None:
                     if sample["__pass__"] - last_usable_pass >= MAX_EMPTY_PASSES:
                         raise RuntimeError(f"a data worker's shards gave no usable sample in {MAX_EMPTY_PASSES} "
@@ -245,11 +247,19 @@ class ShardStream(IterableDataset):
                 last_usable_pass = sample["__pass__"]
                 if sample["__pass__"] > 0:
                     counts.counts["shortfall"] += 1
-                images.append(call_seeded(self.transform, got[0], mix_seed(stream_seed, position, AUGMENT_SALT)))
+                images.append(got[0])
                 captions.append(got[1])
                 position += 1
             delta, problems = counts.take()
-            yield torch.stack(images), self.tokenizer(captions), delta, problems
+            yield stack_images(images), self.tokenizer(captions), delta, problems
+
+
+def device_transform(transform: Transform, where: str) -> Transform:
+    """The transform, checked to be one that can plan crops for the device decoder (decode=gpu)."""
+    if not getattr(transform, "decodes_files", False):
+        raise DataSpecError(f"{where}: decode=gpu needs msclip's training transform (TrainTransform from "
+                            f"create_model_and_transforms), not {type(transform).__name__}")
+    return transform
 
 
 def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, batch_size: int, workers: int,
@@ -276,9 +286,12 @@ def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, ba
     dataset = ShardStream(urls, epoch_value=epoch_value, seed=seed, rank=rank, world_size=world_size,
                           resampled=spec.resampled, shuffle_buffer=spec.shuffle_buffer,
                           batches_per_worker=per_worker, batch_size=batch_size, transform=image_transform,
-                          tokenizer=tokenizer)
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                        persistent_workers=workers > 0, generator=loader_generator(seed, rank))
+                          tokenizer=tokenizer, decode=spec.decode)
+    loader: Any = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                             persistent_workers=workers > 0, pin_memory=pin_memory_default(),
+                             generator=loader_generator(seed, rank))
+    if spec.decode == "gpu":
+        loader = DeviceDecoder(loader, device_transform(image_transform, spec.path))
     num_batches = per_worker * n_workers
     details = {"shards": len(urls), "batches_per_worker": per_worker, "expected_samples": total}
     log.info("webdataset %s: %d shards, %d batches/rank/epoch", spec.path, len(urls), num_batches)
