@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,17 @@ def read_annotations(annotations: str, images_root: str | None = None, split: st
     return read_csv_pairs(p, images_root, image_key, caption_key)
 
 
+@dataclass
+class RetrievalFeatures:
+    """What recall@k was computed from, for a caller's extra output (e.g. a gallery of the worst queries)."""
+
+    images: list[Any]  # the readable images (path or TarMember), row i of image_emb
+    captions: list[str]  # the captions kept, row j of text_emb
+    caption_image: torch.Tensor  # [T] row in `images` of each caption's image
+    image_emb: torch.Tensor  # [I, E] unit rows
+    text_emb: torch.Tensor  # [T, E] unit rows
+
+
 class ImageSource(torch.utils.data.Dataset):
     """Images of a RetrievalSet as (PIL, image index)."""
 
@@ -166,9 +177,11 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: 
 
 def evaluate_retrieval(model: Any, data: RetrievalSet, device: torch.device, *, batch_size: int = 64,
                        text_batch_size: int = 256, workers: int = 0, autocast: Autocast | None = None,
-                       progress: bool | None = None, chunk: int = 1024) -> dict[str, Any]:
+                       progress: bool | None = None, chunk: int = 1024,
+                       on_features: Callable[[RetrievalFeatures], None] | None = None) -> dict[str, Any]:
     """Recall@1/5/10 in both directions, in percent (`*_R@k_pct`), and the mean ranks. Unreadable images are
-    skipped and counted; their captions are dropped with them."""
+    skipped and counted; their captions are dropped with them. `on_features` (optional) receives the
+    embeddings the metrics were computed from; it does not change the result."""
     import msclip
 
     feats = extract_image_features(model.encode_image, SafeDataset(ImageSource(data.images), eval_transform(model)),
@@ -182,8 +195,11 @@ def evaluate_retrieval(model: Any, data: RetrievalSet, device: torch.device, *, 
     texts = extract_text_features(model, msclip.get_tokenizer(model.cfg), [c for c, _ in caps], device,
                                   batch_size=text_batch_size, autocast=autocast, progress=progress, desc="captions")
     owner = torch.tensor([o for _, o in caps])
-    metrics = recall_at_k(F.normalize(feats["features"].to(device), dim=-1), F.normalize(texts.to(device), dim=-1),
-                          owner, (1, 5, 10), chunk)
+    image_emb, text_emb = F.normalize(feats["features"].to(device), dim=-1), F.normalize(texts.to(device), dim=-1)
+    metrics = recall_at_k(image_emb, text_emb, owner, (1, 5, 10), chunk)
+    if on_features is not None:
+        on_features(RetrievalFeatures([data.images[i] for i in kept], [c for c, _ in caps], owner, image_emb,
+                                      text_emb))
     return {"images": len(kept), "captions": len(caps), "skipped_images": feats["skipped"],
             "skipped_examples": feats["skipped_examples"], "dropped_captions": len(data.captions) - len(caps),
             "metrics": {(f"{k}_pct" if "R@" in k else k): (100.0 * v if "R@" in k else v)
