@@ -5,6 +5,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -23,13 +25,52 @@ def _excerpt(text: str, head: int = 4000, tail: int = 4000) -> str:
     return f"{text[:head]}\n[... {len(text) - head - tail} characters ...]\n{text[-tail:]}"
 
 
+def _env() -> dict[str, str]:
+    """CPU only, one thread per rank, this checkout's sources first."""
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1",
+                PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+
+
 def run_torchrun(script_args: list[str], nproc: int = 2, timeout: float = 150) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run`` on 127.0.0.1, CPU only, one thread per rank; asserts exit 0."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1",
-               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *script_args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (f"torchrun exited {proc.returncode}: {' '.join(cmd)}\n"
                                   f"--- stderr ---\n{_excerpt(proc.stderr)}\n--- stdout ---\n{_excerpt(proc.stdout)}")
     return proc
+
+
+def run_torchrun_nodes(script_args: list[str], nnodes: int = 2, nproc: int = 2,
+                       timeout: float = 150) -> list[subprocess.CompletedProcess]:
+    """``nnodes`` torchrun launchers started at once on this machine, as one would start them on separate
+    nodes: ``--nnodes N --node_rank i`` and a c10d rendezvous at 127.0.0.1 (the first launcher to bind the
+    port hosts the store). Asserts that every launcher exits 0; returns them in node order."""
+    port, run_id = free_port(), uuid.uuid4().hex[:12]
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(i),
+             "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+             "--rdzv_id", run_id, *script_args] for i in range(nnodes)]
+    # Logs go to files: a launcher blocked on a full pipe while we wait for another would hang the job.
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cmds]
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=out, stderr=err, text=True) for cmd, (out, err) in zip(cmds, logs)]
+    results = []
+    try:
+        for cmd, p, (out, err) in zip(cmds, procs, logs):
+            p.wait(timeout=timeout)
+            out.seek(0)
+            err.seek(0)
+            results.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
+            if p.returncode != 0:
+                break
+    finally:
+        for p in procs:  # one launcher failed or hung: do not leave the others waiting at the rendezvous
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for out, err in logs:
+            out.close()
+            err.close()
+    for i, r in enumerate(results):
+        assert r.returncode == 0, (f"node {i}: torchrun exited {r.returncode}: {' '.join(r.args)}\n"
+                                   f"--- stderr ---\n{_excerpt(r.stderr)}\n--- stdout ---\n{_excerpt(r.stdout)}")
+    return results
