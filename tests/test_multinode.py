@@ -8,15 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from msclip.checkpoint import load_state_dict_file
 from msclip.train.logger import read_metrics
 from msclip.train.main import train
 from msclip.train.state import load_train_state
-
 from torchrun_utils import run_torchrun_nodes
 from train_utils import TINY, tiny_recipe
 
 STEPS = 2
+
 
 @pytest.mark.dist
 def test_two_nodes_of_two_processes_train_like_one_process(tmp_path: Path) -> None:
