@@ -1,4 +1,5 @@
-"""Symmetric InfoNCE (CLIP) loss with an autograd-aware all-gather for data-parallel training.
+"""Symmetric InfoNCE (CLIP) loss with an autograd-aware all-gather for data-parallel training, and the
+SigLIP pairwise sigmoid loss with a ring exchange (`SigLipLoss`, at the end).
 
 Gradient convention (checked by ``tests/test_loss.py`` in a real 2-process gloo run): with
 ``gather_with_grad=True`` the backward of the gather sums, onto each rank's own features, the gradients that
@@ -120,3 +121,99 @@ class ClipLoss(nn.Module):
         per_image, per_text = self.logits(image_features, text_features, logit_scale)
         labels = self.labels(per_image.shape[0], per_image.device)
         return 0.5 * (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels))
+
+
+# --- SigLIP ------------------------------------------------------------------------------------------------
+
+def _p2p_shift(x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
+    """Send ``x`` to rank ``send_to`` and return the tensor of the same shape that ``recv_from`` sent."""
+    received = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x.contiguous(), send_to), dist.P2POp(dist.irecv, received, recv_from)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _RingShift(torch.autograd.Function):
+    """One step around the ring: every rank passes its tensor on to ``send_to``. The backward is the same
+    step the other way round, so each gradient returns to the rank whose features produced it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.peers = (send_to, recv_from)
+        return _p2p_shift(x, send_to, recv_from)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        send_to, recv_from = ctx.peers
+        return _p2p_shift(grad, recv_from, send_to), None, None
+
+
+class _MeanGradOverRanks(torch.autograd.Function):
+    """Identity forward; the backward averages the gradient over ranks. The loss's own bias is no part of
+    the DDP module, so it is synchronised here, exactly as DDP averages the model's parameters."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad / dist.get_world_size()
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss (SigLIP): each image-text pair is one binary match / no-match decision,
+    ``-sum log sigmoid(z_ij (s x_i.y_j + b)) / B`` with ``z = +1`` on the diagonal, ``-1`` elsewhere.
+
+    No softmax couples the rows, so a rank never needs the whole similarity matrix: under DDP the text
+    features travel round a ring (P2P, W - 1 steps, gradients sent back the same way) and each rank scores
+    its B images against one block of B texts at a time. The rank losses average to the single-process
+    loss of the concatenated batch (the gradient convention of `ClipLoss` above: feature grads are
+    ``W * dL/dx``, DDP's averaging cancels W). The learnable bias ``logit_bias`` (init -10, with a
+    temperature of 10: the SigLIP paper's start, where every pair starts out at "no match") belongs to this
+    module; the trainer saves its ``state_dict`` with the train state and optimises it without weight decay.
+
+    Gradient accumulation (`msclip.train.loop.backward_accumulated`) detaches the temperature of all but
+    the last micro-batch, because each of the k losses scores the whole cached batch; the bias follows
+    the temperature (it is detached when ``logit_scale`` does not require grad), so it gets the big
+    batch's gradient once, not k times.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, bias_init: float = -10.0) -> None:
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias_init)))
+
+    def _bias(self, logit_scale: torch.Tensor) -> torch.Tensor:
+        bias = self.logit_bias if logit_scale.requires_grad else self.logit_bias.detach()
+        if self.world_size > 1 and bias.requires_grad:
+            bias = _MeanGradOverRanks.apply(bias)
+        return bias
+
+    @staticmethod
+    def block_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                   bias: torch.Tensor, matching: bool) -> torch.Tensor:
+        """The summed pair losses of one block; ``matching``: the block's diagonal holds the true pairs."""
+        logits = (logit_scale * image_features @ text_features.T).float() + bias
+        if matching:
+            n = logits.shape[0]
+            signs = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+            return -F.logsigmoid(signs * logits).sum()
+        return -F.logsigmoid(-logits).sum()
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+        bias = self._bias(logit_scale)
+        total = self.block_loss(image_features, text_features, logit_scale, bias, matching=True)
+        if self.world_size > 1:
+            send_to, recv_from = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+            texts = text_features
+            for _ in range(self.world_size - 1):  # after step k this rank holds rank (r - k)'s texts
+                texts = _RingShift.apply(texts, send_to, recv_from)
+                total = total + self.block_loss(image_features, texts, logit_scale, bias, matching=False)
+        return total / image_features.shape[0]
+
