@@ -118,15 +118,16 @@ def test_the_local_rank_picks_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.dist
 def test_plain_srun_style_launch_forms_one_group(tmp_path: Path) -> None:
-    """Two processes with only SLURM's variables (what ``srun --ntasks 2 python ...`` gives) and the job's
-    node list: they find each other at MASTER_PORT on the first node and know their ranks."""
+    """Two processes with only SLURM's variables, as ``srun --nodes 2 --ntasks-per-node 1 python ...`` gives
+    them (global ranks 0 and 1, each local rank 0), and the job's node list: they find each other at
+    MASTER_PORT on the first node and know their ranks."""
     script = Path(__file__).parent / "dist_scripts" / "multinode_check.py"
     base = {k: v for k, v in os.environ.items() if k not in ALL_VARS}
     base.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1",
                 MASTER_PORT=str(free_port()), PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
-                              env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
+                              env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID="0"))
              for r in (0, 1)]
     outs = []
     for p in procs:
@@ -138,4 +139,4 @@ def test_plain_srun_style_launch_forms_one_group(tmp_path: Path) -> None:
             raise
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
     seen = json.loads((tmp_path / "ranks.json").read_text())
-    assert seen == [{"rank": r, "local_rank": r, "world_size": 2, "launcher": "slurm", "sum": 1} for r in (0, 1)]
+    assert seen == [{"rank": r, "local_rank": 0, "world_size": 2, "launcher": "slurm", "sum": 1} for r in (0, 1)]
