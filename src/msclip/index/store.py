@@ -300,7 +300,7 @@ def update_index(output: str | os.PathLike, root: str | os.PathLike, model: Any,
     embedded: list[Item] = []
     new_feats = np.zeros((0, identity["embed_dim"]), dtype=np.float32)
     if feats is not None:
-        embedded = [new[i] for i in feats["labels"].tolist()]
+        embedded = [new[i] for i in feats["indices"].tolist()]
         if embedded:
             new_feats = F.normalize(feats["features"].float(), dim=-1).numpy()
         skipped += [{"id": new[i].id, "stamp": new[i].stamp, "error": err} for i, err in feats["failures"]]
