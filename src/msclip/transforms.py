@@ -19,8 +19,8 @@ sample is read (a loader worker), the JPEG is decoded, cropped and resized on th
 from __future__ import annotations
 
 import io
-import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import IO, Sequence, Union
 
@@ -76,12 +76,14 @@ def _open(source: Encoded) -> Image.Image:
 
 
 def draft_request(width: int, height: int, box: Box, size: int) -> tuple[int, int]:
-    """The smallest decode size at which the crop ``box`` still spans ``size`` pixels each way.
+    """The draft size that makes PIL decode at the largest reduction s in (8, 4, 2, 1) at which the crop
+    ``box`` still spans ``size`` pixels each way (s * size <= box height and width).
 
-    PIL's draft picks the largest 1/s reduction (s in 8, 4, 2, 1) with ``width // s >= request``; since
-    request >= width * size / box_width, the crop is then box_width / s >= size pixels wide (same for height)."""
+    PIL's draft picks the largest s with ``s <= min(width // request_w, height // request_h)``; a request of
+    ``(width // s, height // s)`` gives exactly s (the next reduction, 2s, would need twice the image)."""
     _, _, h, w = box
-    return math.ceil(width * size / w), math.ceil(height * size / h)
+    s = next(k for k in (8, 4, 2, 1) if k * size <= min(w, h) or k == 1)
+    return max(1, width // s), max(1, height // s)
 
 
 class TrainTransform:
@@ -185,7 +187,9 @@ def decode_crops(items: Sequence[EncodedCrop], size: int, device: torch.device |
 
     if not items:
         return []
-    decoded = decode_jpeg([it.data for it in items], mode=ImageReadMode.RGB, device=torch.device(device))
+    with warnings.catch_warnings():  # torchvision >= 0.29 announces a move of its decoders to torchcodec
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchVision.*")
+        decoded = decode_jpeg([it.data for it in items], mode=ImageReadMode.RGB, device=torch.device(device))
     mode = "nearest" if interpolation == "nearest" else interpolation
     out = []
     for img, it in zip(decoded, items):
