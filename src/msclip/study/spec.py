@@ -124,10 +124,14 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
     errors: list[str] = []
     spec = StudySpec()
     if path is not None:
+        raw = _read_yaml(path)
         try:
-            update_from_dict(spec, _read_yaml(path), source=str(path), noun=_NOUN, error=StudyError)
+            update_from_dict(spec, raw, source=str(path), noun=_NOUN, error=StudyError)
         except StudyError as err:
             errors.append(str(err))
+            # keep checking the recipe, so that its problems are reported with the study's
+            spec.recipe = raw["recipe"] if isinstance(raw.get("recipe"), dict) else {}
+            spec.recipe_file = raw["recipe_file"] if isinstance(raw.get("recipe_file"), str) else None
         spec.source = str(path)
     recipe_items: list[str] = []
     try:
