@@ -10,6 +10,7 @@ import torch
 from .checkpoint import load_pretrained
 from .config import ConfigError, ModelCfg
 from .model import MSCLIP
+from .pretrained_folder import folder_weights, is_model_folder, load_folder_config
 from .tokenizer import Tokenizer
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -41,9 +42,23 @@ def _is_yaml(name: str) -> bool:
     return str(name).endswith((".yaml", ".yml"))
 
 
-def get_model_config(name_or_path: str | os.PathLike) -> ModelCfg:
-    """A registered name, a JSON config path, or an official MS-CLIP yaml path -> ModelCfg."""
+def _folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The model folder meant by `name_or_path`, if any. A registered name wins over a folder of the same
+    name in the working directory (so a name means the same everywhere); write `./NAME` for the folder."""
     name = str(name_or_path)
+    _scan()
+    if name in _REGISTRY and not isinstance(name_or_path, os.PathLike):
+        return None
+    return Path(name) if is_model_folder(name) else None
+
+
+def get_model_config(name_or_path: str | os.PathLike) -> ModelCfg:
+    """A registered name, a model folder (`save_pretrained`), a JSON config path, or an official MS-CLIP
+    yaml path -> ModelCfg."""
+    name = str(name_or_path)
+    folder = _folder(name_or_path)
+    if folder is not None:
+        return load_folder_config(folder)
     if _is_yaml(name):
         from .official_config import load_official_yaml
 
@@ -55,7 +70,7 @@ def get_model_config(name_or_path: str | os.PathLike) -> ModelCfg:
     _scan()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; known: {', '.join(list_models())} "
-                          f"(or pass a .json config / an official .yaml)")
+                          f"(or pass a model folder / a .json config / an official .yaml)")
     return ModelCfg.from_json(_REGISTRY[name])
 
 
@@ -69,11 +84,15 @@ _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 def create_model(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None,
                  device: str | torch.device | None = None, precision: str = "fp32") -> MSCLIP:
     """Build a model in eval mode. `pretrained` is a weights file in any supported layout; for an
-    official yaml with MODEL.PRETRAINED_MODEL set, that file is loaded when it exists."""
+    official yaml with MODEL.PRETRAINED_MODEL set, that file is loaded when it exists; for a model folder
+    its `model.safetensors` (strict keys) unless `pretrained` names other weights."""
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     name = str(name_or_path)
-    cfg = get_model_config(name)
+    folder = _folder(name_or_path)
+    cfg = get_model_config(name_or_path)
+    if folder is not None and pretrained is None:
+        pretrained = folder_weights(folder)
     if pretrained is None and _is_yaml(name):
         from .official_config import load_official_yaml
 
