@@ -13,8 +13,12 @@ model's transform). Where CLIP_benchmark differs by design, the test asserts the
 from __future__ import annotations
 
 import csv
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import shutil
+import sys
 import types
 from types import SimpleNamespace
 
@@ -107,7 +111,7 @@ def bench(tmp_path_factory):
     images = torch.stack([eval_transform(built)(im) for im in pil])
     _make_informative(built, msclip.get_tokenizer(built.cfg), images[:N_FIT], labels[:N_FIT])
     folder = tmp_path_factory.mktemp("run")
-    msclip.save_pretrained(built, folder / mcb.FOLDER_WEIGHTS)
+    msclip.save_pretrained(built, folder)  # a model folder: config.json + model.safetensors + card
     mcb.register()
     model, transform, tokenizer = load_clip(model_type="msclip", model_name=str(folder), pretrained="none",
                                             cache_dir=None, device="cpu")
@@ -126,18 +130,21 @@ def test_loader_is_registered_and_loads_every_form(bench, tmp_path):
     torch.testing.assert_close(bench.transform(bench.pil[3]), bench.images[3], rtol=0, atol=0)
     tokens = bench.tokenizer(["a photo of the digit one.", "two"])
     assert tokens.dtype == torch.long and tokens.shape == (2, 16)
-    # a named config + weights file, the weights file alone, a named config with random weights
-    weights = str(bench.folder / mcb.FOLDER_WEIGHTS)
-    cfg_json = tmp_path / "msclip-digits.json"
-    cfg_json.write_text(json.dumps(CFG))
-    for name, pretrained in ((str(cfg_json), weights), (weights, "none")):
-        other = load_clip("msclip", name, pretrained, None, "cpu")[0]
+    # a JSON config + weights file, the weights file alone (config embedded), a run folder holding only
+    # model.safetensors, a folder + its weights by name
+    weights = bench.folder / "model.safetensors"
+    (tmp_path / "cfg.json").write_text(json.dumps(CFG))
+    (tmp_path / "run").mkdir()
+    shutil.copyfile(weights, tmp_path / "run" / "model.safetensors")
+    for name, pretrained in ((tmp_path / "cfg.json", weights), (weights, "none"), (tmp_path / "run", "none"),
+                             (bench.folder, "model.safetensors")):
+        other = load_clip("msclip", str(name), str(pretrained), None, "cpu")[0]
         torch.testing.assert_close(other.encode_image(x), m.encode_image(x), rtol=0, atol=0)
     assert load_clip("msclip", "clip-b32-tiny", "none", None, "cpu")[0].cfg.name == "clip-b32-tiny"
     with pytest.raises(msclip.errors.MissingFileError, match="laion400m_e32"):
         load_clip("msclip", "clip-b32-tiny", "laion400m_e32", None, "cpu")  # CLIP_benchmark's default
     with pytest.raises(msclip.errors.MissingFileError, match="model.safetensors"):
-        load_clip("msclip", str(tmp_path), "none", None, "cpu")  # a folder without weights
+        load_clip("msclip", str(tmp_path), "none", None, "cpu")  # a folder with neither config.json nor weights
 
 
 # ----------------------------------------------------------------------------------- zero-shot
@@ -354,3 +361,63 @@ def test_linear_probe_known_differences(bench, tmp_path, probe_on_cpu):
     stale = cb_lp.evaluate(bench.model, DataLoader(_Unreadable(), batch_size=128), DataLoader(_Unreadable()), -1, 128,
                            0, 0.1, 3, "msclip-digits", 0, str(tmp_path), probe_on_cpu, normalize=True, amp=False)
     assert abs(stale["lp_acc1"] - first["lp_acc1"]) < 0.03  # same features; the sample order follows the global RNG
+
+
+# ----------------------------------------------------------------------------------- command line
+_CLI_EXTRAS = ("requests", "pycocoevalcap")  # imported at the top of clip_benchmark.cli; not installed here
+
+
+class _Stub(types.ModuleType):
+    __path__: list = []
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (), {})
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Import any module under `roots` as an empty stub (only to import clip_benchmark.cli; never called)."""
+
+    def __init__(self, roots):
+        self.roots = set(roots)
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _Stub(spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
+def test_cli_main_evaluates_an_msclip_model(bench, tmp_path, monkeypatch):
+    missing = [m for m in _CLI_EXTRAS if importlib.util.find_spec(m) is None]
+    before = set(sys.modules)
+    try:
+        if missing:  # without them the CLI cannot start; main() says which package is missing
+            with pytest.raises(mcb.ClipBenchmarkError, match="|".join(missing)):
+                mcb.main(["eval"])
+            monkeypatch.setattr(sys, "meta_path", [_StubFinder(missing), *sys.meta_path])
+        import clip_benchmark.cli as cli
+
+        idx = torch.arange(N_FIT, N_FIT + 300)
+        data = Pairs(bench.images[idx], bench.labels[idx])
+        data.templates = mcb.clip_benchmark_templates(TEMPLATES)
+        monkeypatch.setattr(cli, "build_dataset", lambda **kw: data)  # the one piece that would download
+        monkeypatch.setattr(sys, "argv", ["clip_benchmark"])
+        out = tmp_path / "result.json"
+        mcb.main(["eval", "--model_type", "msclip", "--model", str(bench.folder), "--pretrained", "none",
+                  "--dataset", "digits", "--task", "zeroshot_classification", "--no_amp", "--num_workers", "0",
+                  "--batch_size", "128", "--output", str(out), "--quiet"])
+        result = json.loads(out.read_text())
+    finally:
+        for name in set(sys.modules) - before:  # nothing imported against the stubs outlives the test
+            if name.split(".")[0] in _CLI_EXTRAS or name.startswith(("clip_benchmark.cli", "clip_benchmark.datasets")):
+                del sys.modules[name]
+    ours = evaluate_zeroshot(bench.model, bench.tokenizer, SafeDataset(data, lambda t: t), NAMES, TEMPLATES, "cpu")
+    assert result["model"] == str(bench.folder) and result["task"] == "zeroshot_classification"
+    assert 100 * result["metrics"]["acc1"] == pytest.approx(ours["top1_pct"], abs=1e-9) and ours["top1_pct"] > 60

@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 MODEL_TYPE = "msclip"
 # `--pretrained` values that mean "no weights file" (CLIP_benchmark always passes some string).
 NO_WEIGHTS = ("", "none", "random")
-# What `msclip train` exports into its run folder (weights with the model config embedded).
-FOLDER_WEIGHTS = "model.safetensors"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,31 +40,34 @@ def _is_none(pretrained: str | os.PathLike | None) -> bool:
 
 
 def resolve(model_name: str | os.PathLike, pretrained: str | os.PathLike | None) -> tuple[str | None, str | None]:
-    """(config spec, weights file) for a loader call; the spec is None when the config is the one embedded in
-    the weights file (a run folder, or `model_name` naming such a file itself)."""
+    """(config spec for `msclip.create_model`, weights file) of a loader call. The spec is None when the config
+    is the one embedded in the weights file: a folder with `model.safetensors` but no `config.json` (a training
+    run's folder), or `model_name` naming such a file itself."""
     from msclip.factory import list_models
+    from msclip.pretrained_folder import CONFIG_NAME, WEIGHTS_NAME
 
     name = str(model_name)
-    embedded = name not in list_models() and not name.endswith((".json", ".yaml", ".yml"))  # names win
-    if embedded and Path(name).exists():
-        if Path(name).is_file():
-            weights = Path(name)
-        elif _is_none(pretrained):
-            weights = Path(name) / FOLDER_WEIGHTS
-        else:  # a weights file as given, or named relative to the folder
-            weights = Path(str(pretrained))
-            weights = weights if weights.is_file() else Path(name) / str(pretrained)
-        if not weights.is_file():
-            raise MissingFileError(f"msclip loader: model folder {name!r} has no weights file {weights.name!r} "
-                                   f"(expected {weights}); pass --pretrained FILE")
-        return None, str(weights)
+    path = Path(name)
+    if name in list_models() or name.endswith((".json", ".yaml", ".yml")) or not path.exists():
+        if _is_none(pretrained):
+            return name, None
+        if not Path(str(pretrained)).is_file():
+            raise MissingFileError(f"msclip loader: pretrained {str(pretrained)!r} is not a file; pass a weights "
+                                   f"file, or 'none' for random weights (CLIP_benchmark's default 'laion400m_e32' "
+                                   f"names an open_clip download, not an msclip checkpoint)")
+        return name, str(pretrained)
+    if path.is_file():  # a weights file carrying its config
+        return None, name
     if _is_none(pretrained):
-        return name, None
-    if not Path(str(pretrained)).is_file():
-        raise MissingFileError(f"msclip loader: pretrained {str(pretrained)!r} is not a file; pass a weights file, "
-                               f"or 'none' for random weights (CLIP_benchmark's default 'laion400m_e32' "
-                               f"names an open_clip download, not an msclip checkpoint)")
-    return name, str(pretrained)
+        weights = None if (path / CONFIG_NAME).is_file() else path / WEIGHTS_NAME
+    else:  # a weights file as given, or named relative to the folder
+        weights = Path(str(pretrained)) if Path(str(pretrained)).is_file() else path / str(pretrained)
+    if weights is not None and not weights.is_file():
+        raise MissingFileError(f"msclip loader: model folder {name!r} has no {weights.name} (expected {weights}); "
+                               f"pass --pretrained FILE")
+    if (path / CONFIG_NAME).is_file():  # a folder written by msclip.save_pretrained
+        return name, None if weights is None else str(weights)
+    return None, str(weights)
 
 
 def _from_embedded(weights: str) -> Any:
@@ -88,10 +89,11 @@ def load_msclip(model_name: str, pretrained: str | None = None, cache_dir: str |
                 device: str | torch.device = "cpu", precision: str = "fp32", **_: Any) -> tuple[Any, Any, Any]:
     """CLIP_benchmark loader -> (model in eval mode on `device`, eval transform, tokenizer).
 
-    `model_name`: a named config (`msclip info`), a JSON config, an official MS-CLIP yaml, a run folder
-    holding `model.safetensors`, or an msclip weights file (config embedded). `pretrained`: a weights file
-    in any layout `msclip.load_pretrained` reads, or none/random/"" for random weights (a run folder: its
-    `model.safetensors`). `cache_dir` is unused (nothing is downloaded)."""
+    `model_name`: a named config (`msclip info`), a JSON config, an official MS-CLIP yaml, a model folder
+    (`msclip.save_pretrained(model, DIR)`, or a training run's folder holding `model.safetensors`), or an
+    msclip weights file (config embedded). `pretrained`: a weights file in any layout `msclip.load_pretrained`
+    reads, or none/random/"" for random weights (for a folder: its own `model.safetensors`). `cache_dir` is
+    unused (nothing is downloaded)."""
     from msclip.device import pick_device
     from msclip.eval.loading import eval_transform, load_model
     from msclip.factory import get_tokenizer
