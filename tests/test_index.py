@@ -300,10 +300,14 @@ def test_interrupted_update_keeps_the_previous_index(assets, model, tmp_path, mo
     _update(tmp_path / "idx", images, model, assets)
     write_emoji(images, ["pizza"])
 
-    def crash(*a, **k):
-        raise KeyboardInterrupt
+    write_bytes = store_mod.mio.write_bytes
 
-    monkeypatch.setattr(store_mod.mio, "write_json", crash)  # killed after the data files, before meta.json
+    def crash(path, data):  # killed while writing the FAISS file (after features and items)
+        if str(path).endswith(".faiss"):
+            raise KeyboardInterrupt
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(store_mod.mio, "write_bytes", crash)
     with pytest.raises(KeyboardInterrupt):
         _update(tmp_path / "idx", images, model, assets)
     monkeypatch.undo()
