@@ -108,6 +108,8 @@ BAD_VALUES = {
     "train.accum_freq": ("0", "must be >= 1"), "checkpoint.every": ("-1", "must be >= 0"),
     "checkpoint.keep_last": ("0", "must be >= 1"), "zeroshot.kind": ("imagenet", "is not one of"),
     "model": ("no-such-model", "unknown model"), "train.precision": ("fp8", "is not one of"),
+    "train.loss": ("infonce", "is not one of clip, siglip"), "train.compile": ("step", "is not one of off, model"),
+    "train.compile_backend": ("cudagraphs", "is not one of inductor, aot_eager, eager"),
 }
 
 
@@ -217,3 +219,17 @@ def test_training_doc_lists_every_recipe_field_with_its_default():
     assert table.current_block(doc) == table.table(), \
         "docs/training.md's field table is stale: run python scripts/recipe_table.py --write"
     assert all(note for *_, note in table.rows()), "every recipe field needs a comment saying its values"
+
+
+def test_speed_and_loss_fields_are_typed_and_round_trip(tmp_path):
+    r = load_recipe(None, ["train.steps=1", "train.loss=siglip", "train.siglip_bias_init=-5", "train.compile=model",
+                           "train.compile_backend=aot_eager", "train.channels_last=true", "train.tf32=false"])
+    t = r.train
+    assert (t.loss, t.siglip_bias_init, t.compile, t.compile_backend, t.channels_last, t.tf32) == \
+        ("siglip", -5.0, "model", "aot_eager", True, False)
+    defaults = load_recipe(None, ["train.steps=1"]).train
+    assert (defaults.loss, defaults.compile, defaults.channels_last, defaults.tf32) == ("clip", "off", False, True)
+    with pytest.raises(RecipeError, match="train.channels_last: expected"):
+        load_recipe(None, ["train.steps=1", "train.channels_last=maybe"])
+    save_recipe(r, tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml").to_dict() == r.to_dict()

@@ -14,7 +14,9 @@ from torch import nn
 from msclip.loss import SigLipLoss
 from msclip.train.loop import backward_accumulated
 from msclip.train.precision import get_precision
+from msclip.train.main import train
 from torchrun_utils import run_torchrun
+from train_utils import tiny_recipe
 
 TESTS = Path(__file__).resolve().parent
 
@@ -78,6 +80,24 @@ def test_accumulation_gives_the_big_batch_gradients() -> None:
         grads.append([loss] + [p.grad.clone() for p in [*model.parameters(), crit.logit_bias]])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_learns_saves_and_resumes_the_bias(tmp_path: Path) -> None:
+    """train.loss=siglip: the temperature starts at 10, the bias is optimised (no weight decay), saved in
+    the train state and restored on resume (the resumed run equals the uninterrupted one)."""
+    common = dict(train__steps=3, train__loss="siglip", optim={"lr": 1e-2, "weight_decay": 0.1, "warmup": 0},
+                  checkpoint={"every": 1, "keep_last": 3})
+    full = train(tiny_recipe(tmp_path, "full", **common))
+    first = torch.load(full.run_dir / "checkpoints" / "step_00000001.pt", weights_only=True)
+    assert abs(first["model"]["logit_scale"].item() - math.log(10)) < 0.02  # one step of lr 1e-2 away
+    assert list(first["loss"]) == ["logit_bias"] and first["loss"]["logit_bias"].item() != -10.0
+    part = train(tiny_recipe(tmp_path, "cut", **common), stop_after=2)
+    resumed = train(tiny_recipe(tmp_path, "cut", resume="latest", **common))
+    assert part.losses + resumed.losses == full.losses
+    a = torch.load(full.last_checkpoint, weights_only=True)
+    b = torch.load(resumed.last_checkpoint, weights_only=True)
+    assert torch.equal(a["loss"]["logit_bias"], b["loss"]["logit_bias"])
+    assert a["loss"]["logit_bias"].item() != first["loss"]["logit_bias"].item()
 
 
 @pytest.mark.dist

@@ -217,3 +217,13 @@ class SigLipLoss(nn.Module):
                 total = total + self.block_loss(image_features, texts, logit_scale, bias, matching=False)
         return total / image_features.shape[0]
 
+
+
+def make_loss(name: str = "clip", *, rank: int = 0, world_size: int = 1, local_loss: bool = False,
+              gather_with_grad: bool = True, siglip_bias_init: float = -10.0) -> nn.Module:
+    """``clip`` -> `ClipLoss` (``local_loss``, ``gather_with_grad``), ``siglip`` -> `SigLipLoss`."""
+    if name == "siglip":
+        return SigLipLoss(rank=rank, world_size=world_size, bias_init=siglip_bias_init)
+    if name != "clip":
+        raise ValueError(f"unknown loss {name!r}: use clip or siglip")
+    return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)

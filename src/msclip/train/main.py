@@ -23,13 +23,13 @@ from torch import nn
 import msclip
 from msclip.errors import MsclipError
 from msclip.io import remove_stale_temporaries
-from msclip.loss import ClipLoss
+from msclip.loss import make_loss
 from msclip.model import MSCLIP
 from msclip.train import distributed as D
 from msclip.train.logger import METRICS_JSONL, RunLogger, csv_path
 from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop, format_duration
 from msclip.train.optim import build_optimizer
-from msclip.train.precision import get_precision
+from msclip.train.precision import CompiledForward, configure_backends, get_precision, set_channels_last
 from msclip.train.recipe import Recipe, RecipeError, save_recipe
 from msclip.train.scheduler import WarmupCosine
 from msclip.train.stop import StopRequest
@@ -128,7 +128,10 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
     model, train_tf, eval_tf, tokenizer = _build_model(recipe, env)
     data = _data(recipe, train_tf, tokenizer, env)
     plan = plan_steps(recipe, data.num_batches, env.world_size)
-    optimizer = build_optimizer(model, recipe.optim, plan.global_batch, env.device)
+    t = recipe.train
+    loss_fn = make_loss(t.loss, rank=env.rank, world_size=env.world_size, local_loss=t.local_loss,
+                        gather_with_grad=t.gather_with_grad, siglip_bias_init=t.siglip_bias_init).to(env.device)
+    optimizer = build_optimizer(model, recipe.optim, plan.global_batch, list(loss_fn.parameters()))
     scheduler = WarmupCosine(optimizer, total=plan.total, warmup=plan.warmup, cooldown=plan.cooldown,
                              warmup_lr=recipe.optim.warmup_lr, min_lr=recipe.optim.min_lr,
                              schedule=recipe.optim.schedule)
@@ -137,7 +140,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
     state, rng = LoopState(), ResumeRng()
     resume = _find_resume(recipe, run_dir, env)
     if resume:
-        state, rng = _load_resume(*resume, env, model, optimizer, scheduler, scaler)
+        state, rng = _load_resume(*resume, env, model, optimizer, scheduler, scaler, loss_fn)
 
     zs = _zeroshot(recipe, eval_tf, tokenizer, env, precision.autocast) if env.is_master else None
     if env.is_master:
@@ -146,7 +149,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
                  env.world_size, model.parameter_counts())
     logger = RunLogger(run_dir, enabled=env.is_master, tensorboard=recipe.log.tensorboard, start_step=state.step)
     saver = CheckpointWriter(run_dir, model, optimizer, scheduler, scaler, env, plan.total,
-                             recipe.checkpoint.keep_last)
+                             recipe.checkpoint.keep_last, loss_fn)
     saver.last_finite = resume[0] if resume else ""
 
     def loader_for_epoch(epoch: int) -> Any:
@@ -158,10 +161,10 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
         D.barrier(env)
         return metrics
 
+    # what the loop's forward runs through: compiled (train.compile) and/or DDP-wrapped, never what is saved
+    forward = CompiledForward(model, recipe.train.compile_backend) if recipe.train.compile == "model" else model
     loop = TrainLoop(
-        model=D.wrap_ddp(model, env.device) if env.distributed else model, unwrapped=model,
-        loss_fn=ClipLoss(local_loss=recipe.train.local_loss, gather_with_grad=recipe.train.gather_with_grad,
-                         rank=env.rank, world_size=env.world_size),
+        model=D.wrap_ddp(forward, env.device) if env.distributed else forward, unwrapped=model, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler, precision=precision, scaler=scaler,
         loader_factory=loader_for_epoch, env=env, settings=_loop_settings(recipe, plan), logger=logger,
         save_fn=saver, eval_fn=evaluate if recipe.zeroshot.kind else None, state=state, resume_rng=rng,
@@ -263,12 +266,18 @@ def _clear_previous_run(run_dir: Path) -> None:
 
 
 def _build_model(recipe: Recipe, env: D.DistEnv) -> tuple[MSCLIP, Any, Any, Any]:
+    flags = configure_backends(env.device, tf32=recipe.train.tf32, deterministic=recipe.train.deterministic)
+    if flags and env.is_master:
+        log.info("CUDA backend flags: %s", flags)
     seed_everything(recipe.seed)  # identical init on every rank
     model, train_tf, eval_tf = msclip.create_model_and_transforms(recipe.model, pretrained=recipe.pretrained,
                                                                   device=env.device)
     tokenizer = msclip.get_tokenizer(recipe.model)
-    if recipe.logit_scale_init is not None:
-        model.logit_scale.data.fill_(recipe.logit_scale_init)
+    if recipe.logit_scale_init is not None or recipe.train.loss == "siglip":  # SigLIP starts at t = 10
+        init = recipe.logit_scale_init if recipe.logit_scale_init is not None else math.log(10)
+        model.logit_scale.data.fill_(init)
+    if recipe.train.channels_last:
+        log.debug("channels_last: %s", set_channels_last(model))
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.train()
@@ -316,8 +325,10 @@ class CheckpointWriter:
     """``writer(state, epoch_rng) -> path``: gathers every rank's RNG, rank 0 writes the train state."""
 
     def __init__(self, run_dir: Path, model: MSCLIP, optimizer: torch.optim.Optimizer, scheduler: WarmupCosine,
-                 scaler: torch.amp.GradScaler | None, env: D.DistEnv, total_steps: int, keep_last: int) -> None:
+                 scaler: torch.amp.GradScaler | None, env: D.DistEnv, total_steps: int, keep_last: int,
+                 loss_fn: nn.Module | None = None) -> None:
         self.run_dir = run_dir
+        self.loss_fn = loss_fn  # its parameters (SigLIP's bias) are saved as "loss"
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -344,6 +355,7 @@ class CheckpointWriter:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else {},
                 "rng": rngs, "world_size": self.env.world_size, "total_steps": self.total_steps,
+                "loss": self.loss_fn.state_dict() if self.loss_fn is not None else {},
             }, keep_last=self.keep_last)
         self.last_finite = str(path)
         return str(path)
@@ -365,7 +377,8 @@ def _find_resume(recipe: Recipe, run_dir: Path, env: D.DistEnv) -> tuple[str, di
 
 
 def _load_resume(ckpt: str, saved: dict | None, env: D.DistEnv, model: MSCLIP, optimizer: torch.optim.Optimizer,
-                 scheduler: WarmupCosine, scaler: torch.amp.GradScaler | None) -> tuple[LoopState, ResumeRng]:
+                 scheduler: WarmupCosine, scaler: torch.amp.GradScaler | None,
+                 loss_fn: nn.Module | None = None) -> tuple[LoopState, ResumeRng]:
     """Load a train state into the fresh objects; the recipe's lr wins over the checkpoint's.
 
     A checkpoint from another number of processes resumes too: the step and sample counts continue, the
@@ -373,6 +386,8 @@ def _load_resume(ckpt: str, saved: dict | None, env: D.DistEnv, model: MSCLIP, o
     """
     saved = saved if saved is not None else load_train_state(ckpt)
     model.load_state_dict(saved["model"])
+    if loss_fn is not None and (saved.get("loss") or list(loss_fn.state_dict())):
+        loss_fn.load_state_dict(saved.get("loss", {}))  # strict: a SigLIP run's bias must be there
     fresh_lrs = {g["name"]: g["base_lr"] for g in optimizer.param_groups}
     optimizer.load_state_dict(saved["optimizer"])
     for g in optimizer.param_groups:  # (the same lr on an exact resume)

@@ -2,7 +2,7 @@
 
 No weight decay for biases, norm layers, embeddings, class/positional embeddings and logit_scale (the
 model's ``no_weight_decay_names()``, plus every tensor with fewer than two dimensions, e.g. BatchNorm).
-Shared parameters get their own lr / weight decay (the official LR_SHARE / WD_SHARE).
+Shared parameters get their own lr / weight decay (the official LR_SHARE / WD_SHARE). Fused AdamW on CUDA.
 """
 from __future__ import annotations
 
@@ -58,10 +58,27 @@ def group_param_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[st
     return {g["name"]: [by_id[id(p)] for p in g["params"]] for g in groups}
 
 
+def adamw_kernel(params: list[nn.Parameter]) -> dict[str, Any]:
+    """AdamW's implementation: ``fused`` (one kernel for every tensor) when all parameters are on CUDA;
+    otherwise torch's default, which is the multi-tensor ``foreach`` path on CPU (fused has no CPU speed-up
+    and needs every tensor on one kind of device)."""
+    if params and all(p.is_cuda for p in params):
+        return {"fused": True}
+    return {"foreach": None}
+
+
 def build_optimizer(model: MSCLIP, cfg: OptimRecipe, global_batch: int,
-                    device: torch.device) -> torch.optim.AdamW:
+                    extra: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; ``extra`` (the loss's own parameters, e.g. SigLIP's bias) join the
+    no-decay group (a new group of their own when the model has no no-decay group)."""
     groups = param_groups(model, cfg, global_batch)
-    # fused AdamW only on CUDA; on CPU the default foreach path is the fast one
-    fused = device.type == "cuda"
+    if extra:
+        no_decay = next((g for g in groups if g["name"] == "no_decay"), None)
+        if no_decay is None:
+            lr = scaled_lr(cfg.lr, cfg, global_batch)
+            no_decay = {"params": [], "name": "no_decay", "lr": lr, "base_lr": lr, "weight_decay": 0.0}
+            groups.append(no_decay)
+        no_decay["params"] = no_decay["params"] + list(extra)
+    params = [p for g in groups for p in g["params"]]
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused)
+                             **adamw_kernel(params))

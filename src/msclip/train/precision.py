@@ -1,12 +1,15 @@
-"""Precision modes: fp32, bf16 autocast, fp16 autocast with a gradient scaler (``auto`` picks bf16 where fast)."""
+"""How the step's math runs: precision modes (fp32, bf16 autocast, fp16 autocast with a gradient scaler;
+``auto`` picks bf16 where fast) and the speed settings next to them, each in this one place: the CUDA
+backend flags (TF32, cuDNN autotuning), ``train.compile`` (`CompiledForward`) and ``train.channels_last``."""
 from __future__ import annotations
 
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +58,68 @@ class Precision:
 
 def get_precision(name: str, device: torch.device) -> Precision:
     return Precision(resolve_precision(name, device), device)
+
+
+# --- speed settings ---------------------------------------------------------------------------------------
+
+def configure_backends(device: torch.device, *, tf32: bool = True, deterministic: bool = False) -> dict[str, bool]:
+    """Set the CUDA speed flags (process-wide; nothing on CPU) and return what was set.
+
+    TF32 runs fp32 matmuls and convolutions on the tensor cores with a 10-bit mantissa (bf16 and fp16
+    autocast are unaffected); cuDNN autotuning picks the fastest convolution algorithm per input shape
+    (the shapes repeat every step), but is non-deterministic, so ``train.deterministic`` turns it off.
+    """
+    if device.type != "cuda":
+        return {}
+    flags = {"matmul_tf32": tf32, "cudnn_tf32": tf32, "cudnn_benchmark": not deterministic}
+    torch.backends.cuda.matmul.allow_tf32 = flags["matmul_tf32"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
+    torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+    return flags
+
+
+class CompiledForward(nn.Module):
+    """The training forward of ``module`` compiled with torch.compile (``train.compile: model``).
+
+    Only what the train loop runs goes through it: the checkpoints, the export and the in-training
+    zero-shot use ``module`` itself, so state_dict keys stay the model's (no ``_orig_mod.`` prefix) and
+    evaluation does not recompile. The text length changes from step to step (each batch is cut to its
+    longest caption, rounded up by `MSCLIP.trim_tokens`), so it is marked dynamic: one graph serves every
+    length. Expected compilations: one, plus one for the no-grad feature pass of ``train.accum_freq > 1``.
+    """
+
+    def __init__(self, module: nn.Module, backend: str = "inductor") -> None:
+        super().__init__()
+        self.module = module
+        self._forward = torch.compile(module.forward, backend=backend)  # a function: no second module
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                trim: bool = True) -> Any:
+        if tokens is not None:
+            if trim:  # data-dependent length: done eagerly, never inside the graph
+                tokens = self.module.trim_tokens(tokens)
+            # contiguous: a trimmed batch is a view (row stride = the full context) unless it kept every
+            # column, and that stride difference alone would compile a second graph
+            tokens = tokens.contiguous()
+            torch._dynamo.maybe_mark_dynamic(tokens, 1)
+        return self._forward(images, tokens, trim=False)
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def set_channels_last(model: nn.Module) -> list[str]:
+    """Conv stem and parallel conv branch (``train.channels_last``) in NHWC: their weights, and their
+    image input through a forward pre-hook. Returns the names of the modules changed."""
+    image = getattr(model, "image", None)
+    parts = {"image.stem": getattr(image, "stem", None), "image.parallel": getattr(image, "parallel", None)}
+    done = []
+    for name, part in parts.items():
+        if part is None:
+            continue
+        part.to(memory_format=torch.channels_last)
+        first = part if name == "image.stem" else part.stages[0]  # where the image enters
+        first.register_forward_pre_hook(_to_channels_last)
+        done.append(name)
+    return done

@@ -26,6 +26,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "const")
 UNITS = ("steps", "epochs")
 ZEROSHOT_KINDS = (None, "folder", "fashion_mnist")
+LOSSES = ("clip", "siglip")
+COMPILE_MODES = ("off", "model")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 _NOUN = "recipe field"
 
 
@@ -66,6 +69,15 @@ class TrainRecipe:
     gather_with_grad: bool = True  # gradients flow through the all-gather (needed for exact DDP gradients)
     deterministic: bool = False  # torch deterministic algorithms (slower; bit-reproducible runs)
     threads: int | None = None  # torch.set_num_threads; null = torch default
+    loss: str = "clip"  # clip (softmax InfoNCE) | siglip (pairwise sigmoid, texts passed round a ring of ranks)
+    # siglip: the learnable logit bias's start (the temperature starts at log(10) unless logit_scale_init is set)
+    siglip_bias_init: float = -10.0
+    # off | model: torch.compile the training forward (one graph for every text length); checkpoints unchanged
+    compile: str = "off"
+    compile_backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager (the last two for debugging)
+    # conv stem and parallel branch in channels_last (NHWC) memory format; off by default (see docs/training.md)
+    channels_last: bool = False
+    tf32: bool = True  # CUDA only: TF32 tensor-core math for fp32 matmuls and convolutions
 
 
 @dataclass
@@ -138,7 +150,9 @@ class Recipe:
         positive("train.epochs", t.epochs, null=True)
         for name, value, allowed in (("train.precision", t.precision, PRECISIONS),
                                      ("optim.schedule", o.schedule, SCHEDULES), ("optim.unit", o.unit, UNITS),
-                                     ("zeroshot.kind", z.kind, ZEROSHOT_KINDS)):
+                                     ("zeroshot.kind", z.kind, ZEROSHOT_KINDS), ("train.loss", t.loss, LOSSES),
+                                     ("train.compile", t.compile, COMPILE_MODES),
+                                     ("train.compile_backend", t.compile_backend, COMPILE_BACKENDS)):
             if value not in allowed:
                 bad(name, value, f"is not one of {', '.join(map(str, allowed)).replace('None', 'null')}")
         positive("train.accum_freq", t.accum_freq, 1, strict=False)
