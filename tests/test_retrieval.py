@@ -92,3 +92,46 @@ def test_reader_errors_name_the_file(tmp_path):
                                                              "sentences": [{"raw": "x"}]}]}))
     with pytest.raises(ValueError, match="k.json.*split 'test'"):
         read_annotations(str(tmp_path / "k.json"), str(tmp_path))
+
+
+def test_gallery_rows_pick_worst_and_best_captions():
+    from msclip.index.gallery import render_gallery, retrieval_rows
+
+    images = torch.eye(4)
+    # caption -> own image: 0 -> 0 at rank 1 (margin 0.8), 1 -> 1 at rank 3, 2 -> 2 at rank 1 (margin 0.2),
+    # 3 -> 3 at rank 4
+    texts = F.normalize(torch.tensor([[1.0, 0.2, 0.1, 0], [0.5, 0.3, 0.6, 0], [0, 0.4, 0.6, 0],
+                                      [0.5, 0.4, 0.3, 0.1]]), dim=-1)
+    opened = []
+    rows = retrieval_rows(images, texts, torch.arange(4), ["c0", "c1", "c2", "c3"], [f"i{i}.png" for i in range(4)],
+                          lambda i: opened.append(i) or Image.new("RGB", (8, 8), "red"), worst=2, best=1, k=3)
+    assert [(r.label, r.extra["group"], r.extra["rank"]) for r in rows] == \
+        [("c3", "worst", 4), ("c1", "worst", 3), ("c0", "best", 1)]
+    assert [c.title for c in rows[2].cells] == ["i0.png", "i1.png", "i2.png"] and rows[2].cells[0].mark
+    assert not any(c.mark for c in rows[0].cells)  # own image outside the top 3
+    page = render_gallery(rows, "t")
+    assert page.count('<div class="row">') == 3 and page.count('class="cell mark"') == 2
+    assert page.count("data:image/jpeg;base64,") == 9 and len(opened) == 9
+
+
+def test_retrieval_html_leaves_the_results_unchanged(tmp_path):
+    from msclip.commands import retrieval as retrieval_cmd
+
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for c in colours:
+            Image.new("RGB", (16, 16), c).save(tmp_path / f"{c}.png")
+            w.writerows([[f"{c}.png", f"a {c} square"], [f"{c}.png", c]])
+    base = ["--model", "clip-b32-tiny", "--annotations", str(tmp_path / "pairs.csv"), "--device", "cpu",
+            "--workers", "0", "--no-progress"]
+    assert retrieval_cmd.main(base + ["--output", str(tmp_path / "a.json")]) == 0
+    torch.manual_seed(0)  # random weights: the same ones for both runs
+    assert retrieval_cmd.main(base + ["--output", str(tmp_path / "b.json"), "--html", str(tmp_path / "g.html"),
+                                      "--html-queries", "2", "--html-k", "3"]) == 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["metrics"] == b["metrics"]
+    page = (tmp_path / "g.html").read_text()
+    assert page.count('<div class="row">') == 4 and page.count('<div class="score">') == 12
+    assert page.count("worst: own image at rank") == 2 and page.count("best: own image at rank") == 2

@@ -116,8 +116,9 @@ def retrieval_rows(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_imag
         others = sims.scatter(1, owner[s:s + chunk, None], float("-inf")).max(1).values
         margin[s:s + chunk] = (own[:, 0] - others).cpu()
     order_worst = sorted(range(len(captions)), key=lambda t: (-int(rank[t]), float(margin[t])))[:worst]
+    picked = set(order_worst)
     order_best = [t for t in sorted(range(len(captions)), key=lambda t: (int(rank[t]), -float(margin[t])))
-                  if t not in set(order_worst)][:best]
+                  if t not in picked][:best]
     rows = []
     for group, order in (("worst", order_worst), ("best", order_best)):
         for t in order:
