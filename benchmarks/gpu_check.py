@@ -210,7 +210,8 @@ def _clip_b16(ck: Check) -> list[str]:
     from msclip.checkpoint import convert_state_dict
 
     name = ck.name("clip-b16")
-    ours, images, tokens = model_inputs(name, 8, ck.device)
+    ours, images, _ = model_inputs(name, 8, ck.device)
+    tokens = synthetic_tokens(ours.cfg, 8).to(ck.device)  # all context positions: open_clip runs them all
     ours.eval()
     try:
         if ck.smoke:
