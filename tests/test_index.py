@@ -183,8 +183,8 @@ def test_caption_recall_equals_msclip_retrieval(assets, model, tmp_path, capsys)
     store = load_index(tmp_path / "idx")
     assert store.meta["captioned"] == 24 and store.items[0].captions == list(EMOJI["apple"][1:])
     mine = caption_recall(store, index_model(store, torch.device("cpu")), torch.device("cpu"))
-    ref = evaluate_retrieval(model, read_annotations(str(assets / "captions.csv"), str(assets / "images")), torch.device("cpu"),
-                             batch_size=8, progress=False)["metrics"]
+    pairs = read_annotations(str(assets / "captions.csv"), str(assets / "images"))
+    ref = evaluate_retrieval(model, pairs, torch.device("cpu"), batch_size=8, progress=False)["metrics"]
     for k in (1, 5, 10):
         assert mine[f"text_to_image_R@{k}_pct"] == pytest.approx(ref[f"text_to_image_R@{k}_pct"])
     chance = 100 / 24
@@ -219,14 +219,11 @@ def test_another_model_is_refused(assets, model, tmp_path, capsys):
                       "--output", tmp_path / "idx") == 2
     err = capsys.readouterr().err
     assert "was built with model 'clip-b32-tiny'" in err and "checkpoint sha256" in err and "--rebuild" in err
-    assert _index_cli("--model", "msclip-s-b32-tiny", "--pretrained", assets / "other.safetensors",
-                      "--images", assets / "images", "--output", tmp_path / "idx") == 2  # config differs too
-    assert "cannot load" in capsys.readouterr().err or True
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == before  # nothing written
     assert search_cmd.main([str(tmp_path / "idx"), "a cat", "--pretrained", str(assets / "other.safetensors")]) == 2
     assert "differ from the ones index" in capsys.readouterr().err
-    with pytest.raises(ModelMismatchError, match="model config sha256"):
-        other = dict(model_identity(MODEL, model, str(assets / "fitted.safetensors"), "fp32"), config_sha256="x" * 64)
+    other = dict(model_identity(MODEL, model, str(assets / "fitted.safetensors"), "fp32"), config_sha256="0" * 64)
+    with pytest.raises(ModelMismatchError, match="model config sha256"):  # same weights file, another config
         update_index(tmp_path / "idx", assets / "images", model, other, "cpu")
     assert _index_cli("--images", assets / "images", "--output", tmp_path / "new") == 2  # random weights
     assert "needs trained weights" in capsys.readouterr().err
