@@ -90,21 +90,30 @@ def test_interrupted_study_resumes(tmp_path, monkeypatch):
 
 
 def test_printed_commands_run_by_hand_give_the_same_report(smoke, tmp_path, capsys):
+    """One variant (each printed line starts two Python processes): its runs by hand, then --collect, give
+    the in-process study's numbers and table row."""
     spec, data, _ = smoke
-    assert cli_main(["study", "--preset", "smoke", f"output_dir={tmp_path}", "--print-commands"]) == 0
+    model = "msclip-b32-tiny"
+    args = ["study", "--preset", "smoke", f"output_dir={tmp_path}", f"models=[{model}]"]
+    assert cli_main([*args, "--print-commands"]) == 0
     commands = capsys.readouterr().out.strip().splitlines()
-    assert len(commands) == 2 and all(c.startswith("msclip train --config ") and " && msclip study " in c
-                                      for c in commands)
+    assert len(commands) == 1 and commands[0].startswith("msclip train --config ") \
+        and f" && msclip study --config {tmp_path / 'smoke' / 'study.yaml'} --evaluate {model}-seed0" in commands[0]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}
     for line in commands:  # as a scheduler would: a shell line each
         subprocess.run(["bash", "-c", line], env=env, check=True, capture_output=True)
-    assert cli_main(["study", "--preset", "smoke", f"output_dir={tmp_path}", "--collect"]) == 0
-    by_hand = json.loads((tmp_path / "smoke" / "study.json").read_text())["summary"]
-    for model, s in data["summary"].items():
-        for key in DETERMINISTIC:
-            assert by_hand[model][key]["values"] == pytest.approx(s[key]["values"], abs=1e-6), (model, key)
-    assert json.loads((tmp_path / "smoke" / "study.json").read_text())["claims"] == data["claims"]
+    assert cli_main([*args, "--collect"]) == 0
+    by_hand = json.loads((tmp_path / "smoke" / "study.json").read_text())["summary"][model]
+    for key in DETERMINISTIC:
+        assert by_hand[key]["values"] == pytest.approx(data["summary"][model][key]["values"], abs=1e-6), key
+
+    def row(path: Path) -> list[str]:  # the model's table row without the speed column (the last)
+        line = next(ln for ln in path.read_text().splitlines() if ln.startswith(f"| `{model}`"))
+        return line.replace(" (baseline)", "").split(" | ")[:-1]
+
+    mine, theirs = row(tmp_path / "smoke" / "report.md"), row(spec.out_dir / "report.md")
+    assert [c for c in mine if "n/a" not in c and c != "—"] == [c for c in theirs if "n/a" not in c and c != "—"]
 
 
 def test_welch_interval_matches_hand_computation():
@@ -148,3 +157,13 @@ def test_study_file_is_strict_and_checked_before_any_folder(tmp_path):
 
 def test_model_roles():
     assert role("msclip-b32-es-tiny") == "msclip-b32-es" and role("clip-b32") == "clip-b32"
+
+
+def test_jobs_get_a_share_of_the_cores_or_a_gpu_each(monkeypatch):
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)
+    env, extra = runner.slot_env(1, 4)
+    assert env["OMP_NUM_THREADS"] == "2" and extra == ["train.threads=2"]
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 2)
+    assert [runner.slot_env(s, 2)[0]["CUDA_VISIBLE_DEVICES"] for s in range(3)] == ["0", "1", "0"]

@@ -139,7 +139,11 @@ def _duration(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def run_study(spec: StudySpec, *, jobs: int = 1, write: Callable[[str], None] = print,
+def _print(line: str) -> None:
+    print(line, flush=True)  # one line per finished run, visible at once in a log file too
+
+
+def run_study(spec: StudySpec, *, jobs: int = 1, write: Callable[[str], None] = _print,
               stop_after: dict[str, int] | None = None) -> dict[str, Any]:
     """Train and evaluate every run that is not evaluated yet, then write the report; returns it.
     ``stop_after`` {run name: steps} interrupts those runs there (as an interruption would; for tests)."""
@@ -170,7 +174,7 @@ def run_study(spec: StudySpec, *, jobs: int = 1, write: Callable[[str], None] = 
     return collect(spec, evaluate_missing=False)
 
 
-def _slot_env(slot: int, jobs: int) -> tuple[dict[str, str], list[str]]:
+def slot_env(slot: int, jobs: int) -> tuple[dict[str, str], list[str]]:
     """Environment and train overrides of worker `slot`: one GPU each when there are GPUs, else a share of
     the CPU threads (OMP/MKL and torch's own count)."""
     env = dict(os.environ)
@@ -199,7 +203,7 @@ def _run_parallel(spec: StudySpec, todo: list[RunPlan], jobs: int, progress: Pro
 
     def one(plan: RunPlan) -> tuple[RunPlan, float]:
         t0 = time.perf_counter()
-        env, extra = _slot_env(local.slot, jobs)
+        env, extra = slot_env(local.slot, jobs)
         if run_status(plan) != "trained":
             _run_logged(train_command(spec, plan, extra), env, plan.run_dir.parent / f"{plan.name}.train.log",
                         f"training {plan.name}")
