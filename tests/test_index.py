@@ -278,9 +278,11 @@ def test_webdataset_shards(assets, model, tmp_path):
                 render_emoji(EMOJI[name][0]).save(buf, format="PNG")
                 _tar_add(tar, f"{name}.png", buf.getvalue())
                 _tar_add(tar, f"{name}.txt", "\n".join(EMOJI[name][1:]).encode())
+            if n == 0:
+                _tar_add(tar, "zz_bad.png", b"not a png")
     rep = _update(tmp_path / "idx", shards, model, assets)
     store = load_index(tmp_path / "idx")
-    assert rep.count == 4 and store.items[1].id == "0.tar/car" and store.items[1].captions == list(EMOJI["car"][1:])
+    assert rep.count == 4 and rep.skipped_new == 1 and store.items[1].id == "0.tar/car" and store.items[1].captions == list(EMOJI["car"][1:])
     assert _neighbours(tmp_path / "idx", model, k=1)[0][0][0] == "0.tar/car"
     assert store_mod.open_item(store.base, store.items[3].source).size == (48, 48)
     with tarfile.open(shards / "2.tar", "w") as tar:  # a new shard: only its sample is embedded
@@ -288,7 +290,7 @@ def test_webdataset_shards(assets, model, tmp_path):
         render_emoji(EMOJI["cat"][0]).save(buf, format="PNG")
         _tar_add(tar, "cat.png", buf.getvalue())
     rep = _update(tmp_path / "idx", shards, model, assets)
-    assert (rep.embedded, rep.reused, rep.count) == (1, 4, 5)
+    assert (rep.embedded, rep.reused, rep.count, len(rep.skipped), rep.skipped_new) == (1, 4, 5, 1, 0)
 
 
 def test_interrupted_update_keeps_the_previous_index(assets, model, tmp_path, monkeypatch):

@@ -281,7 +281,9 @@ def update_index(output: str | os.PathLike, root: str | os.PathLike, model: Any,
     if old and old.base != base:
         log.warning("index %s was built from %s; now reading %s (paths are matched relative to it)",
                     output, old.base, base)
-    items = scan_source(root, {i: it for i, (_, it) in old_rows.items()})
+    known = {i: it for i, (_, it) in old_rows.items()}
+    known.update({i: Item(i, d["source"], d["stamp"]) for i, d in old_skipped.items() if "source" in d})
+    items = scan_source(root, known)
     if captions_csv is not None:
         table = read_captions(captions_csv, base)
         unmatched = len(set(table) - {os.path.normpath(it.id) for it in items})
@@ -303,7 +305,8 @@ def update_index(output: str | os.PathLike, root: str | os.PathLike, model: Any,
         embedded = [new[i] for i in feats["indices"].tolist()]
         if embedded:
             new_feats = F.normalize(feats["features"].float(), dim=-1).numpy()
-        skipped += [{"id": new[i].id, "stamp": new[i].stamp, "error": err} for i, err in feats["failures"]]
+        skipped += [{"id": new[i].id, "source": new[i].source, "stamp": new[i].stamp, "error": err}
+                    for i, err in feats["failures"]]
     skipped_new = len(feats["failures"]) if feats is not None else 0
     rows = [it for _, it in keep] + embedded
     if not rows:
