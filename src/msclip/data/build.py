@@ -9,7 +9,11 @@ SYNTHETIC_DEFAULT_SAMPLES = 512
 def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: Tokenizer,
                      batch_size: int | None = None, workers: int | None = None, rank: int = 0, world_size: int = 1,
                      seed: int = 0, epoch: int = 0) -> DataInfo:
-    """Build the shuffled, sharded training loader of ``(images [B,3,H,W] float, tokens [B,T] long)``.
+    """Build the shuffled, sharded training loader of ``(images [B,3,H,W], tokens [B,T] long)``.
+
+    Images are float (the transform's output), except Fashion-MNIST with the package's training transform:
+    its batches are made whole (``fashion_mnist.FashionMNISTBatches``) and stay uint8, normalised on the device
+    by ``device_batch.images_to_model_input`` with the model's mean/std (the transform's Normalize values).
 
     ``batch_size`` (per rank) and ``workers`` default to the spec's; every batch is full. Call
     ``info.set_epoch(e)`` before each epoch (an epoch's batches depend on ``(seed, epoch)`` only, so a fresh
@@ -36,6 +40,21 @@ def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: T
 
     from . import mapstyle
 
+    if spec.kind == "fashion_mnist":
+        from .fashion_mnist import FashionMNISTBatches, batch_crop_spec, batch_loader, load_fashion_mnist
+
+        crop = batch_crop_spec(image_transform)
+        if crop is not None:  # the package's train transform: whole batches as tensors, images left uint8
+            images, labels = load_fashion_mnist(spec.split, spec.fashion_mnist_root)
+            dataset = FashionMNISTBatches(images, labels, crop, tokenizer, spec.caption_templates, seed)
+            loader, sampler, num_batches = batch_loader(dataset, batch_size=batch_size, workers=workers, rank=rank,
+                                                        world_size=world_size, seed=seed, epoch=epoch)
+            num_samples = num_batches * batch_size * world_size
+            dropped = _epoch_dropped(len(dataset), num_samples, rank)
+            return DataInfo(CountingLoader(loader, num_batches, stats, dropped), num_samples, num_batches, stats,
+                            epoch_value=epoch_value, sampler=sampler, kind=spec.kind,
+                            details={"dataset_size": len(dataset), "expected_samples": len(dataset),
+                                     "batch_path": True})
     if spec.kind == "csv":
         dataset = mapstyle.csv_dataset(spec, image_transform, seed=seed)
         name = spec.path
