@@ -54,7 +54,7 @@ h1{font-size:20px;margin:0 0 4px} p.sub{color:#666;margin:0 0 12px;font-size:13p
 .query{width:180px;flex:none;font-weight:bold;font-size:14px;word-wrap:break-word}
 .query small{display:block;font-weight:normal;color:#666;margin-top:4px}
 .cell{width:%(w)dpx;flex:none;text-align:center;font-size:12px}
-.cell img,.ph{width:%(t)dpx;height:%(t)dpx;object-fit:contain;background:#f4f4f4;border:3px solid transparent}
+.cell img,.query img,.ph{width:%(t)dpx;height:%(t)dpx;object-fit:contain;background:#f4f4f4;border:3px solid transparent}
 .cell.mark img{border-color:#2a2}
 .ph{display:flex;align-items:center;justify-content:center;color:#999;margin:auto}
 .score{font-weight:bold} .name{color:#555;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}"""
