@@ -114,7 +114,7 @@ def test_gallery_rows_pick_worst_and_best_captions():
     assert page.count("data:image/jpeg;base64,") == 9 and len(opened) == 9
 
 
-def test_retrieval_html_leaves_the_results_unchanged(tmp_path):
+def test_retrieval_html_leaves_the_results_unchanged(tmp_path, one_thread):
     from msclip.commands import retrieval as retrieval_cmd
 
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
