@@ -238,7 +238,7 @@ def test_another_model_is_refused(assets, model, tmp_path, capsys):
 def test_gallery_one_row_per_query_with_k_scored_images(assets, model, tmp_path, capsys):
     _update(tmp_path / "idx", assets / "images", model, assets, captions_csv=str(assets / "captions.csv"))
     (tmp_path / "q.txt").write_text("a slice of pizza\n\n")
-    argv = [str(tmp_path / "idx"), "a red car", "a green frog", "--queries", str(tmp_path / "q.txt"),
+    argv = [str(tmp_path / "idx"), "a red car", "--queries", str(tmp_path / "q.txt"), "--text", "a green frog",
             "--image", str(assets / "images" / "cat.png"), "-k", "4", "--html", str(tmp_path / "g.html"),
             "--output", str(tmp_path / "r.json"), "--device", "cpu"]
     assert search_cmd.main(argv) == 0
@@ -253,7 +253,8 @@ def test_gallery_one_row_per_query_with_k_scored_images(assets, model, tmp_path,
         assert len(scores) == 4 and len(re.findall(r'<img src="data:image/jpeg;base64,', row)) >= 4
         assert [float(s) for s in scores] == [round(h["score"], 3) for h in res["hits"]]
         assert scores == sorted(scores, key=float, reverse=True)
-    assert [r["query"] for r in report["results"]][:3] == ["a red car", "a green frog", "a slice of pizza"]
+    assert [r["query"] for r in report["results"]] == ["a red car", "a green frog", "a slice of pizza",
+                                                        str(assets / "images" / "cat.png")]
     cat = report["results"][3]["hits"][0]
     assert cat["id"] == "cat.png" and cat["score"] == pytest.approx(1.0, abs=1e-5)  # image->image: itself first
     assert search_cmd.main([str(tmp_path / "idx")]) == 2  # no query at all

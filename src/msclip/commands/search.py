@@ -1,6 +1,7 @@
 """``msclip search``: text -> image and image -> image nearest neighbours in an index built by `msclip index`.
 
-Queries: texts as positional arguments and/or one per line of --queries FILE, images with --image (repeatable).
+Queries: texts as positional arguments right after INDEX, --text (repeatable) and/or one per line of --queries
+FILE; images with --image (repeatable).
 Prints the k best images with their cosine scores per query; --html writes a gallery (one row per query).
 --recall scores the index's own captions (text -> image R@k, as `msclip retrieval` defines it).
 """
@@ -17,7 +18,9 @@ HELP = "text->image / image->image search in an `msclip index` (console, JSON, H
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", metavar="INDEX", help="index folder written by `msclip index`")
-    parser.add_argument("texts", nargs="*", metavar="TEXT", help="text queries")
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="text queries (right after INDEX)")
+    parser.add_argument("--text", action="append", default=[], metavar="TEXT",
+                        help="a text query anywhere on the line (repeatable)")
     parser.add_argument("--queries", default=None, metavar="FILE", help="more text queries, one per line")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="image query (repeatable)")
     parser.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
@@ -35,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
-    texts = [t for t in args.texts if t.strip()]
+    texts = [t for t in [*args.texts, *args.text] if t.strip()]
     if args.queries is not None:
         if not Path(args.queries).is_file():
             raise UsageError(f"--queries {args.queries!r} does not exist")
