@@ -59,6 +59,8 @@ class ModelMismatchError(IndexStoreError):
 def model_identity(model_spec: str, model: Any, checkpoint: str, precision: str) -> dict[str, Any]:
     """What makes embeddings comparable: the config (hashed) and the exact weights (sha256)."""
     config = json.dumps(model.cfg.to_dict(), sort_keys=True)
+    if os.path.isfile(model_spec):  # a config file: found again by `msclip search` from any folder
+        model_spec = os.path.abspath(model_spec)
     return {"spec": model_spec, "name": model.cfg.name, "embed_dim": model.cfg.embed_dim,
             "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
             "checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
