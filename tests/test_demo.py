@@ -22,8 +22,10 @@ def recipes():
     return {label: load_recipe(demo.RECIPES_DIR / fname) for label, fname in demo.RECIPES.items()}
 
 
-@pytest.mark.parametrize("cores,expected_threads,margin", [(2, 2, 1.5), (8, 2, 1.2)])
-def test_plan_budget_fits_the_time_left(monkeypatch, recipes, cores, expected_threads, margin):
+@pytest.mark.parametrize("cores,workers,expected_threads,margin", [(2, 1, 2, 1.5), (2, 0, 2, 1.2), (8, 1, 2, 1.2)])
+def test_plan_budget_fits_the_time_left(monkeypatch, recipes, cores, workers, expected_threads, margin):
+    for r in recipes.values():  # a loader worker beside 2 torch threads oversubscribes 2 cores
+        r.data.workers = workers
     monkeypatch.setattr(demo.torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(demo.os, "cpu_count", lambda: cores)
     monkeypatch.setattr(demo, "_step_time", lambda recipe, threads: {1: 0.8, 2: 0.5}[threads])
@@ -40,6 +42,20 @@ def test_plan_budget_never_exceeds_the_recipes(monkeypatch, recipes):
     monkeypatch.setattr(demo, "_batch_time", lambda recipe: 0.0)
     _, steps = demo.plan_budget(recipes, budget_s=3600.0)
     assert steps == next(iter(recipes.values())).train.steps == 400
+
+
+def test_recipes_run_the_fast_settings():
+    # fp32 (faster than bf16 autocast for the tiny models, and machine-independent) and no loader worker
+    for fname in demo.RECIPES.values():
+        r = load_recipe(demo.RECIPES_DIR / fname)
+        assert (r.train.precision, r.data.workers, r.train.steps, r.data.batch_size) == ("fp32", 0, 400, 128)
+
+
+def test_plan_budget_says_loudly_when_it_cuts_steps(monkeypatch, recipes, capsys):
+    monkeypatch.setattr(demo, "_step_time", lambda recipe, threads: 0.5)
+    monkeypatch.setattr(demo, "_batch_time", lambda recipe: 0.0)
+    _, steps = demo.plan_budget(recipes, budget_s=300.0)
+    assert steps < 400 and "CUTTING both runs" in capsys.readouterr().err
 
 
 def test_recipes_ship_in_the_package_and_the_command_exists(tmp_path, monkeypatch, capsys):

@@ -94,6 +94,11 @@ def plan_budget(recipes: dict[str, Any], budget_s: float, overhead_s: float = 75
     margin = 1.5 if oversubscribed else 1.2
     fit = int((budget_s - overhead_s) / (margin * per_step))
     steps = min(first.train.steps, max(10, fit // 10 * 10))
+    if steps < first.train.steps:  # the safety net: say so loudly, the table is then not the reference one
+        print(f"[demo] WARNING: this machine is too slow (or too busy) for the recipes' {first.train.steps} steps in "
+              f"{budget_s / 60:.1f} min: CUTTING both runs to {steps} steps; the numbers will differ from a full "
+              "run's. Run `msclip demo --steps 400` to train the full recipe regardless of time.",
+              file=sys.stderr, flush=True)
     print(f"[demo] calibration: {per_step:.2f} s per step for both models with data with {threads} thread(s) "
           f"({', '.join(f'{n} threads: {t:.2f} s' for n, t in times.items())} for the first); "
           f"step budget {steps} (recipes ask {first.train.steps}; {budget_s / 60:.1f} min left)", flush=True)
