@@ -74,7 +74,7 @@ def test_model_card(tmp_path):
     assert counts["shared"] and counts["image"] and counts["text"]
     for key, label in (("shared", "shared"), ("image", "image-only"), ("text", "text-only"), ("total", "total")):
         assert f"| {label} | {counts[key]:,} |" in card, label
-    assert "layers 0: nothing" in card and "layers 1-5: attn_in, attn_out, mlp" in card  # what is shared, per layer
+    assert "layer 0: nothing" in card and "layers 1-5: attn_in, attn_out, mlp" in card  # what is shared, per layer
     assert "parallel conv branch" in card and "residual conv stem" in card
     assert '"warmup_steps": 123' in card and "fashion-mnist (60000 pairs)" in card
     assert "| zeroshot/fashion-mnist/top1_pct | 77.43 |" in card and '| note | "demo run" |' in card

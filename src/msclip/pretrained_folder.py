@@ -120,7 +120,8 @@ def sharing_summary(cfg: ModelCfg) -> list[str]:
     lines = []
     for comps, layers in groups.items():
         what = ", ".join(comps) if comps else "nothing (each modality has its own weights)"
-        lines.append(f"layers {_layer_ranges(layers)}: {what}")
+        noun = "layer" if len(layers) == 1 else "layers"
+        lines.append(f"{noun} {_layer_ranges(layers)}: {what}")
     return lines
 
 
