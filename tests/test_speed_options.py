@@ -1,5 +1,5 @@
 """Speed options: train.compile (same losses as eager, one graph for every text length, checkpoints with
-the model's own keys, resume), train.channels_last (same numbers), fused AdamW only on CUDA, CUDA backend
+the model's own keys, resume), train.channels_last (same numbers), fused AdamW on CUDA and on the CPU, CUDA backend
 flags. CPU: compile uses the `aot_eager` / `eager` backends (inductor's C++ build takes minutes here)."""
 from __future__ import annotations
 
@@ -125,11 +125,22 @@ def test_channels_last_gives_the_same_numbers(tmp_path: Path, one_thread: None) 
     assert list(nhwc.state_dict()) == list(plain.state_dict())
 
 
-def test_adamw_is_fused_only_when_every_parameter_is_on_cuda() -> None:
+def test_adamw_is_fused_when_every_parameter_is_on_one_device_kind() -> None:
     cpu = [torch.nn.Parameter(torch.zeros(2))]
-    assert adamw_kernel(cpu) == {"foreach": None}
+    assert adamw_kernel(cpu) == {"fused": True}
+    assert adamw_kernel([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]) == {"fused": True}
+    assert adamw_kernel([]) == {"foreach": None}
     opt = build_optimizer(msclip.create_model("clip-b32-tiny"), OptimRecipe(), 8)
-    assert not opt.defaults["fused"]
+    assert opt.defaults["fused"]
+    # fused and the per-tensor loop give the same update (so the switch changes speed, not the recipe)
+    a, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(5, 3))
+    b.data.copy_(a.data)
+    oa, ob = torch.optim.AdamW([a], lr=0.1, fused=True), torch.optim.AdamW([b], lr=0.1, foreach=False)
+    for _ in range(3):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step(), ob.step()
+    torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-6)
 
 
 def test_backend_flags_are_cuda_only() -> None:

@@ -59,10 +59,11 @@ def group_param_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[st
 
 
 def adamw_kernel(params: list[nn.Parameter]) -> dict[str, Any]:
-    """AdamW's implementation: ``fused`` (one kernel for every tensor) when all parameters are on CUDA;
-    otherwise torch's default, which is the multi-tensor ``foreach`` path on CPU (fused has no CPU speed-up
-    and needs every tensor on one kind of device)."""
-    if params and all(p.is_cuda for p in params):
+    """AdamW's implementation: ``fused`` (one pass over every tensor) when all parameters are floating point
+    on CUDA, or all on the CPU; otherwise torch's default. On the CPU torch's default is a per-tensor loop:
+    measured on msclip-s-b32-tiny (229 tensors, 1 thread), 57.6 ms per step vs 41.2 ms foreach, 11.0 ms fused."""
+    floating = all(p.is_floating_point() for p in params)
+    if params and floating and (all(p.is_cuda for p in params) or all(p.device.type == "cpu" for p in params)):
         return {"fused": True}
     return {"foreach": None}
 
