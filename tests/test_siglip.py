@@ -100,6 +100,20 @@ def test_trainer_learns_saves_and_resumes_the_bias(tmp_path: Path) -> None:
     assert a["loss"]["logit_bias"].item() != first["loss"]["logit_bias"].item()
 
 
+
+def test_a_non_finite_bias_gradient_skips_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss's own parameter is in the gradient check: a NaN on the bias's gradient alone skips the step."""
+    real = SigLipLoss.forward
+
+    def nan_bias_grad(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self.logit_bias.requires_grad:
+            self.logit_bias.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(SigLipLoss, "forward", nan_bias_grad)
+    res = train(tiny_recipe(tmp_path, "nanbias", train__steps=2, train__loss="siglip", train__max_nonfinite=5))
+    assert res.state.nonfinite_total == 2 and res.losses == []
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_ring_matches_full_batch(tmp_path: Path, world: int) -> None:

@@ -20,7 +20,6 @@ from torch import nn
 from tqdm import tqdm
 
 from msclip.data.device_batch import images_to_model_input
-from msclip.loss import ClipLoss
 from msclip.model import MSCLIP
 from msclip.train.distributed import DistEnv, max_over_ranks
 from msclip.train.logger import RunLogger
@@ -82,7 +81,7 @@ class StepResult:
     ok: bool  # False: non-finite loss or gradient, the update was skipped
 
 
-def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: ClipLoss, precision: Precision,
+def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: nn.Module, precision: Precision,
                          scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Backward the contrastive loss of all micro-batches together; returns the (detached) loss.
 
@@ -124,7 +123,7 @@ def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: Cli
 
 
 class TrainLoop:
-    def __init__(self, *, model: nn.Module, unwrapped: MSCLIP, loss_fn: ClipLoss,
+    def __init__(self, *, model: nn.Module, unwrapped: MSCLIP, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, precision: Precision,
                  scaler: torch.amp.GradScaler | None, loader_factory: Callable[[int], Any], env: DistEnv,
                  settings: LoopSettings, logger: RunLogger, save_fn: Callable[[LoopState, dict], str],
@@ -216,7 +215,9 @@ class TrainLoop:
         loss = backward_accumulated(self.model, micro, self.loss_fn, self.precision, self.scaler)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.unwrapped.parameters() if p.grad is not None]
+        # the loss may own parameters (SigLIP's bias): they are clipped and checked with the model's
+        params = [p for p in itertools.chain(self.unwrapped.parameters(), self.loss_fn.parameters())
+                  if p.grad is not None]
         if self.cfg.grad_clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
         else:
