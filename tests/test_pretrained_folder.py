@@ -161,3 +161,19 @@ def test_export_command_writes_a_folder(tmp_path, capsys):
     assert "wrote model folder" in capsys.readouterr().out
     model = msclip.create_model(tmp_path / "f")
     assert model.cfg.name == "msclip-b32-tiny"
+
+
+def test_commands_take_a_model_folder_with_its_weights(saved, tmp_path):
+    """`msclip zeroshot/index/... --model DIR` without --pretrained loads the folder's weights (not random)."""
+    from msclip.eval.loading import load_model, resolve_checkpoint
+
+    assert resolve_checkpoint(str(saved), None) == str(saved / WEIGHTS_NAME)
+    assert resolve_checkpoint("clip-b32-tiny", None) is None
+    ref = msclip.create_model(saved)
+    got = load_model(str(saved), resolve_checkpoint(str(saved), None), torch.device("cpu"), "fp32")
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), got.state_dict().values()))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / CONFIG_NAME).write_bytes((saved / CONFIG_NAME).read_bytes())
+    with pytest.raises(MissingFileError, match="has no model.safetensors"):
+        resolve_checkpoint(str(bare), None)

@@ -22,12 +22,18 @@ class ModelLoadError(MsclipError):
 
 
 def resolve_checkpoint(model_spec: str, pretrained: str | None) -> str | None:
-    """The weights file that will be loaded (checked to exist): `pretrained`, else MODEL.PRETRAINED_MODEL of
-    an official yaml, else None (random weights)."""
+    """The weights file that will be loaded (checked to exist): `pretrained`, else the `model.safetensors` of a
+    model folder (msclip.save_pretrained), else MODEL.PRETRAINED_MODEL of an official yaml, else None (random
+    weights)."""
     if pretrained is not None:
         if not Path(pretrained).is_file():
             raise MissingFileError(f"checkpoint --pretrained {pretrained!r} does not exist")
         return pretrained
+    folder_weights = Path(model_spec) / "model.safetensors"
+    if (Path(model_spec) / "config.json").is_file() and model_spec not in _registered():
+        if not folder_weights.is_file():
+            raise MissingFileError(f"model folder {model_spec!r} has no model.safetensors")
+        return str(folder_weights)
     if model_spec.endswith((".yaml", ".yml")):
         from msclip.official_config import load_official_yaml
 
@@ -40,6 +46,12 @@ def resolve_checkpoint(model_spec: str, pretrained: str | None) -> str | None:
                                        f"to the working directory {os.getcwd()!r}); download it or pass --pretrained")
             return default
     return None
+
+
+def _registered() -> set[str]:
+    import msclip
+
+    return set(msclip.list_models())  # a registered name wins over a folder of the same name
 
 
 def load_model(model_spec: str, checkpoint: str | None, device: torch.device, precision: str) -> Any:
