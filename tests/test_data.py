@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from shard_utils import write_tar
 from byte_tokenizer import CTX, byte_tokenize as stub_tokenizer, decode
 from msclip.data import COUNT_FIELDS, DataSpec, build_train_data
 from msclip.data import fashion_mnist as fm
@@ -24,14 +24,6 @@ def image_bytes(fmt: str, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (20, 12), ((seed * 37) % 256, 80, 160)).save(buf, format=fmt)
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def clean_shards(root: Path, n_shards: int = 4, per_shard: int = 6) -> set[str]:

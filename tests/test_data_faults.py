@@ -12,6 +12,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw
 
+from shard_utils import write_tar
 from byte_tokenizer import byte_tokenize as tokenize, decode
 from msclip.data import COUNT_FIELDS, DataSpec, build_train_data
 from msclip.data.wds import count_samples
@@ -29,14 +30,6 @@ def shape_png(i: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def good_shards(root: Path, n_shards: int = 4, per_shard: int = 6) -> str:

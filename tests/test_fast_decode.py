@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import io
 import math
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
@@ -16,6 +14,7 @@ import torchvision.transforms.functional as F
 from PIL import Image
 
 from byte_tokenizer import byte_tokenize
+from shard_utils import write_tar
 from msclip.config import PreprocessCfg
 from msclip.data import DataSpec, build_train_data
 from msclip.data.common import call_seeded
@@ -127,12 +126,8 @@ def test_uint8_batches_are_normalised_like_the_reference(jpegs) -> None:
 
 
 def write_shard(path: Path, images: list[bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for i, data in enumerate(images):
-            for name, blob in ((f"{i:05d}.jpg", data), (f"{i:05d}.txt", f"photo {i}".encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
+    write_tar(path, [m for i, data in enumerate(images)
+                     for m in ((f"{i:05d}.jpg", data), (f"{i:05d}.txt", f"photo {i}".encode()))])
 
 
 def test_corrupt_and_truncated_jpegs_are_skipped_and_counted(tmp_path: Path, jpegs) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from msclip.eval.retrieval import evaluate_retrieval, read_annotations
 from msclip.index import store as store_mod
 from msclip.index.search import caption_recall, embed_text_queries, index_model, search
 from msclip.index.store import ModelMismatchError, load_index, model_identity, update_index
+from shard_utils import write_tar
 
 MODEL = "clip-b32-tiny"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds sync overhead
@@ -269,33 +269,25 @@ def test_ivf_with_every_list_probed_equals_flat(assets, model, tmp_path):
         [[i for i, _ in r] for r in _neighbours(tmp_path / "flat", model)]
 
 
-def _tar_add(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+def _png(name):
+    buf = io.BytesIO()
+    render_emoji(EMOJI[name][0]).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_webdataset_shards(assets, model, tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     for n, names in enumerate((["apple", "car"], ["frog", "pizza"])):
-        with tarfile.open(shards / f"{n}.tar", "w") as tar:
-            for name in names:
-                buf = io.BytesIO()
-                render_emoji(EMOJI[name][0]).save(buf, format="PNG")
-                _tar_add(tar, f"{name}.png", buf.getvalue())
-                _tar_add(tar, f"{name}.txt", "\n".join(EMOJI[name][1:]).encode())
-            if n == 0:
-                _tar_add(tar, "zz_bad.png", b"not a png")
+        members = [m for name in names
+                   for m in ((f"{name}.png", _png(name)), (f"{name}.txt", "\n".join(EMOJI[name][1:]).encode()))]
+        write_tar(shards / f"{n}.tar", members + ([("zz_bad.png", b"not a png")] if n == 0 else []))
     rep = _update(tmp_path / "idx", shards, model, assets)
     store = load_index(tmp_path / "idx")
     assert rep.count == 4 and rep.skipped_new == 1 and store.items[1].id == "0.tar/car" and store.items[1].captions == list(EMOJI["car"][1:])
     assert _neighbours(tmp_path / "idx", model, k=1)[0][0][0] == "0.tar/car"
     assert store_mod.open_item(store.base, store.items[3].source).size == (48, 48)
-    with tarfile.open(shards / "2.tar", "w") as tar:  # a new shard: only its sample is embedded
-        buf = io.BytesIO()
-        render_emoji(EMOJI["cat"][0]).save(buf, format="PNG")
-        _tar_add(tar, "cat.png", buf.getvalue())
+    write_tar(shards / "2.tar", [("cat.png", _png("cat"))])  # a new shard: only its sample is embedded
     rep = _update(tmp_path / "idx", shards, model, assets)
     assert (rep.embedded, rep.reused, rep.count, len(rep.skipped), rep.skipped_new) == (1, 4, 5, 1, 0)
 
