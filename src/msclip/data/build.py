@@ -40,42 +40,34 @@ def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: T
 
     from . import mapstyle
 
-    if spec.kind == "fashion_mnist":
-        from .fashion_mnist import FashionMNISTBatches, batch_crop_spec, batch_loader, load_fashion_mnist
-
-        crop = batch_crop_spec(image_transform)
-        if crop is not None:  # the package's train transform: whole batches as tensors, images left uint8
-            images, labels = load_fashion_mnist(spec.split, spec.fashion_mnist_root)
-            dataset = FashionMNISTBatches(images, labels, crop, tokenizer, spec.caption_templates, seed)
-            loader, sampler, num_batches = batch_loader(dataset, batch_size=batch_size, workers=workers, rank=rank,
-                                                        world_size=world_size, seed=seed, epoch=epoch)
-            num_samples = num_batches * batch_size * world_size
-            dropped = _epoch_dropped(len(dataset), num_samples, rank)
-            return DataInfo(CountingLoader(loader, num_batches, stats, dropped), num_samples, num_batches, stats,
-                            epoch_value=epoch_value, sampler=sampler, kind=spec.kind,
-                            details={"dataset_size": len(dataset), "expected_samples": len(dataset),
-                                     "batch_path": True})
+    collate, extra = None, {}
     if spec.kind == "csv":
         dataset = mapstyle.csv_dataset(spec, image_transform, seed=seed)
         name = spec.path
     elif spec.kind == "fashion_mnist":
-        from .fashion_mnist import FashionMNISTCaptions, load_fashion_mnist
+        from . import fashion_mnist as fm
 
-        images, labels = load_fashion_mnist(spec.split, spec.fashion_mnist_root)
-        dataset = FashionMNISTCaptions(images, labels, image_transform, spec.caption_templates, seed, epoch_value)
+        images, labels = fm.load_fashion_mnist(spec.split, spec.fashion_mnist_root)
         name = f"fashion_mnist/{spec.split}"
+        crop = fm.batch_crop_spec(image_transform)
+        if crop is not None:  # the package's train transform: whole batches as tensors, images left uint8
+            dataset = fm.FashionMNISTBatches(images, labels, crop, tokenizer, spec.caption_templates, seed)
+            collate, extra = fm.whole_batch, {"batch_path": True}
+        else:
+            dataset = fm.FashionMNISTCaptions(images, labels, image_transform, spec.caption_templates, seed,
+                                              epoch_value)
     else:  # synthetic
         dataset = mapstyle.SyntheticCaptions(spec.num_samples or SYNTHETIC_DEFAULT_SAMPLES, image_transform,
                                              seed=seed)
         name = "synthetic"
     loader, sampler, num_batches = mapstyle.map_loader(
         dataset, tokenizer=tokenizer, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
-        seed=seed, epoch=epoch, name=name)
+        seed=seed, epoch=epoch, name=name, collate_fn=collate)
     num_samples = num_batches * batch_size * world_size
     dropped = _epoch_dropped(len(dataset), num_samples, rank)
     return DataInfo(CountingLoader(loader, num_batches, stats, dropped), num_samples,
                     num_batches, stats, epoch_value=epoch_value, sampler=sampler, kind=spec.kind,
-                    details={"dataset_size": len(dataset), "expected_samples": len(dataset)})
+                    details={"dataset_size": len(dataset), "expected_samples": len(dataset), **extra})
 
 
 def _epoch_dropped(expected: int, delivered: int, rank: int) -> int:

@@ -299,23 +299,6 @@ class FashionMNISTBatches(torch.utils.data.Dataset):
         return images, self.token_table[rows], counts_tensor({})
 
 
-def _whole_batch(batch: tuple) -> tuple:
+def whole_batch(batch: tuple) -> tuple:
     """The DataLoader's collate for ``__getitems__`` datasets: the batch is already made."""
     return batch
-
-
-def batch_loader(dataset: FashionMNISTBatches, *, batch_size: int, workers: int, rank: int, world_size: int,
-                 seed: int, epoch: int) -> tuple[torch.utils.data.DataLoader, torch.utils.data.Sampler, int]:
-    """``mapstyle.map_loader`` for the batch path: the same sampler (so the same order) and full batches."""
-    from .mapstyle import EpochSampler, loader_generator
-
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    num_batches = len(sampler) // batch_size
-    if num_batches < 1:
-        raise DataSpecError(f"fashion_mnist: {len(dataset)} samples cannot fill one batch of {batch_size} on each "
-                            f"of {world_size} rank(s)")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_whole_batch,
-        drop_last=True, persistent_workers=workers > 0, generator=loader_generator(seed, rank))
-    return loader, sampler, num_batches

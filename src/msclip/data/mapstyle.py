@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -161,8 +161,10 @@ class Collate:
 
 
 def map_loader(dataset: Dataset, *, tokenizer: Tokenizer, batch_size: int, workers: int, rank: int,
-               world_size: int, seed: int, epoch: int, name: str) -> tuple[DataLoader, DistributedSampler, int]:
-    """A shuffling loader of full batches; returns ``(loader, sampler, batches per rank)``."""
+               world_size: int, seed: int, epoch: int, name: str,
+               collate_fn: Callable[[list], Any] | None = None) -> tuple[DataLoader, DistributedSampler, int]:
+    """A shuffling loader of full batches; returns ``(loader, sampler, batches per rank)``. ``collate_fn``
+    replaces the tokenizing collate for datasets that make whole batches themselves (``__getitems__``)."""
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     num_batches = len(sampler) // batch_size
@@ -170,7 +172,7 @@ def map_loader(dataset: Dataset, *, tokenizer: Tokenizer, batch_size: int, worke
         raise DataSpecError(f"{name}: {len(dataset)} samples cannot fill one batch of {batch_size} on each of "
                          f"{world_size} rank(s)")
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=Collate(tokenizer), drop_last=True, persistent_workers=workers > 0,
+                        collate_fn=collate_fn or Collate(tokenizer), drop_last=True, persistent_workers=workers > 0,
                         pin_memory=pin_memory_default(), generator=loader_generator(seed, rank))
     if getattr(dataset, "decode", "cpu") == "gpu":  # CSV images planned in the workers, decoded here
         return DeviceDecoder(loader, dataset.transform), sampler, num_batches  # type: ignore[attr-defined]

@@ -16,7 +16,6 @@ counted twice.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
