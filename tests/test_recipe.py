@@ -233,3 +233,19 @@ def test_speed_and_loss_fields_are_typed_and_round_trip(tmp_path):
         load_recipe(None, ["train.steps=1", "train.channels_last=maybe"])
     save_recipe(r, tmp_path / "r.yaml")
     assert load_recipe(tmp_path / "r.yaml").to_dict() == r.to_dict()
+
+
+@pytest.mark.parametrize("text,message", [("a: [1, 2", "invalid YAML"), ("- 1\n- 2\n", "mapping of fields, got list")])
+def test_every_yaml_reader_names_the_file_and_the_problem(tmp_path, text, message) -> None:
+    """Recipes, study files and official model yamls are read by one reader (typed_config.read_yaml_mapping)."""
+    from msclip.config import ConfigError
+    from msclip.official_config import load_official_yaml
+    from msclip.study.spec import StudyError, load_study
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    for load, err in ((load_recipe, RecipeError), (load_study, StudyError), (load_official_yaml, ConfigError)):
+        with pytest.raises(err, match=f"{bad}: .*{message}"):
+            load(bad)
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import ConfigError, ModelCfg
+from .typed_config import read_yaml_mapping
 
 # Sections of the official default tree whose keys are fixed (yacs rejects others); None = open.
 _TOP = {
@@ -110,12 +109,7 @@ def read_merged_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise FileNotFoundError(f"config not found: {path}")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: BASE files include each other")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "model yaml", ConfigError)
     merged: dict = {}
     for base in data.get("BASE") or []:
         if base:

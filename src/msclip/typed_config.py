@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from pathlib import Path
 from typing import Any, Union
 
 import yaml
@@ -315,3 +316,18 @@ def field_type(cls: type, dotted: str) -> Any:
     for part in dotted.split("."):
         tp = _hints(tp)[part]
     return tp
+
+
+def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = MsclipError) -> dict:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``). A missing file, invalid YAML or
+    another top level raises ``error`` naming the file; ``what`` says what the file was meant to be."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: a {what} is a mapping of fields, got {type(data).__name__}")
+    return data

@@ -18,7 +18,7 @@ import yaml
 from msclip.errors import MsclipError
 from msclip.io import write_text
 from msclip.train.recipe import Recipe, RecipeError, parse_overrides
-from msclip.typed_config import set_dotted, update_from_dict
+from msclip.typed_config import read_yaml_mapping, set_dotted, update_from_dict
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data: found from any working directory
 # The sharing spectrum of issue 13, from two towers to everything shared, then MS-CLIP-S's two additions
@@ -102,18 +102,6 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise StudyError(f"study file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise StudyError(f"{path}: invalid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise StudyError(f"{path}: a study file is a mapping of study fields, got {type(data).__name__}")
-    return data
-
-
 def load_study(path: str | Path | None = None, overrides: list[str] | None = None, *,
                preset: str | None = None) -> StudySpec:
     """Defaults, then the study file or preset (strict), then ``key=value`` overrides (``recipe.train.steps=50``
@@ -124,7 +112,7 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
     errors: list[str] = []
     spec = StudySpec()
     if path is not None:
-        raw = _read_yaml(path)
+        raw = read_yaml_mapping(path, "study file", StudyError)
         try:
             update_from_dict(spec, raw, source=str(path), noun=_NOUN, error=StudyError)
         except StudyError as err:
@@ -194,7 +182,7 @@ def base_recipe(spec: StudySpec, overrides: list[str] | None = None) -> Recipe:
 def load_recipe_unvalidated(path: Path) -> Recipe:
     """A recipe file loaded strictly, without a model check (each run sets its own model)."""
     recipe = Recipe()
-    update_from_dict(recipe, yaml.safe_load(path.read_text()) or {}, source=str(path), noun="recipe field",
+    update_from_dict(recipe, read_yaml_mapping(path, "recipe file", RecipeError), source=str(path), noun="recipe field",
                      error=RecipeError)
     return recipe
 

@@ -20,7 +20,7 @@ from msclip.data.common import DataSpec
 from msclip.errors import MsclipError
 from msclip.io import write_text
 from msclip.typed_config import field_paths as _typed_field_paths
-from msclip.typed_config import from_dict, set_dotted, update_from_dict
+from msclip.typed_config import from_dict, read_yaml_mapping, set_dotted, update_from_dict
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "const")
@@ -278,22 +278,13 @@ def set_field(recipe: Recipe, dotted: str, value: Any, source: str = "command li
     set_dotted(recipe, [(dotted, value)], source=source, noun=_NOUN, error=RecipeError)
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from e
-
-
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Defaults, then the YAML file (strict), then the overrides; model defaults filled; validated."""
     recipe = Recipe()
     errors: list[str] = []  # the file's and the command line's problems, reported together
     if path is not None:
         try:
-            update_from_dict(recipe, _read_yaml(Path(path)), source=str(path), noun=_NOUN, error=RecipeError)
+            update_from_dict(recipe, read_yaml_mapping(path, "recipe file", RecipeError), source=str(path), noun=_NOUN, error=RecipeError)
         except RecipeError as err:
             errors.append(str(err))
     try:
