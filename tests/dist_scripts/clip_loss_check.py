@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from toy_towers import Toy
 
 from msclip.loss import ClipLoss
 
@@ -53,24 +54,12 @@ def feature_check(rank: int, world: int, local_loss: bool, with_grad: bool) -> d
     return out
 
 
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.img = nn.Linear(D, E)
-        self.txt = nn.Linear(D, E)
-        self.logit_scale = nn.Parameter(torch.tensor(2.0))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(y), dim=-1), self.logit_scale.exp()
-
-
 def ddp_check(rank: int, world: int, local_loss: bool) -> dict[str, float]:
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
-    ref_model = Toy()
+    ref_model = Toy(D, E, 2.0)
     ClipLoss()(*ref_model(x, y)).backward()
-    model = nn.parallel.DistributedDataParallel(Toy())  # CPU: no device_ids
+    model = nn.parallel.DistributedDataParallel(Toy(D, E, 2.0))  # CPU: no device_ids
     sl = slice(rank * B, (rank + 1) * B)
     ClipLoss(local_loss=local_loss, rank=rank, world_size=world)(*model(x[sl], y[sl])).backward()
     diffs = [(p.grad - q.grad).abs().max().item()

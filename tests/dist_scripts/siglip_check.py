@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from toy_towers import Toy
 
 from msclip.loss import SigLipLoss
 
@@ -47,24 +48,12 @@ def feature_check(rank: int, world: int) -> dict[str, float]:
             "bias_grad": (crit.logit_bias.grad - ref_crit.logit_bias.grad).abs().item()}
 
 
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.img = nn.Linear(D, E)
-        self.txt = nn.Linear(D, E)
-        self.logit_scale = nn.Parameter(torch.tensor(2.3))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(y), dim=-1), self.logit_scale.exp()
-
-
 def ddp_check(rank: int, world: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
-    ref_model, ref_crit = Toy(), SigLipLoss(bias_init=BIAS)
+    ref_model, ref_crit = Toy(D, E, 2.3), SigLipLoss(bias_init=BIAS)
     ref_crit(*ref_model(x, y)).backward()
-    model = nn.parallel.DistributedDataParallel(Toy())  # CPU: no device_ids
+    model = nn.parallel.DistributedDataParallel(Toy(D, E, 2.3))  # CPU: no device_ids
     crit = SigLipLoss(rank=rank, world_size=world, bias_init=BIAS)
     sl = slice(rank * B, (rank + 1) * B)
     crit(*model(x[sl], y[sl])).backward()
