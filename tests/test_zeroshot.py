@@ -44,8 +44,9 @@ def test_reference_zeroshot_weights_and_logits(reference):
     with torch.inference_mode():
         f = model.encode_image(inputs["images"], normalize=True)
     logits = zeroshot_logits(f, W)
-    # Logits are ~10-17 (100 x cosine) where one fp32 ulp is ~2e-6; allow 1e-5 plus one ulp-scale term.
-    torch.testing.assert_close(logits, outputs["zs_logits"], atol=1e-5, rtol=1e-6)
+    # Logits are 100 x cosine (~10-17). CPUs sum the image GEMMs in different orders (AVX2 vs AVX-512 kernels:
+    # 2.9e-5 seen on an AMD EPYC), so allow 1e-6 in cosine units: far below any real parity error.
+    torch.testing.assert_close(logits, outputs["zs_logits"], atol=1e-4, rtol=0)
     assert logits.argmax(-1).tolist() == outputs["zs_logits"].argmax(-1).tolist()
 
 
