@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # reference_utils and friends
+from proc_utils import kill_spawned  # noqa: E402
 # Under pytest-xdist (`make test` runs `-n 2`) each worker gets its share of the cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
@@ -23,6 +24,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    """A test's child processes (and their children) never outlive it, whether it passed, failed or timed out."""
+    yield
+    kill_spawned()
 
 
 @pytest.fixture()

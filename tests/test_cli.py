@@ -4,7 +4,6 @@ counts, and `python -m msclip` is the same program."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ import msclip
 from msclip import cli
 from msclip.errors import MsclipError
 from msclip.train.loop import NonFiniteLossError
+from proc_utils import run_logged
 
 
 def test_user_errors_exit_2_with_one_line(capsys):
@@ -82,9 +82,7 @@ def test_info_counts(capsys):
 
 
 def test_python_dash_m_msclip(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "msclip", "--version"], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
+    out = run_logged([sys.executable, "-m", "msclip", "--version"], cwd=tmp_path, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == f"msclip {msclip.__version__}"
-    bad = subprocess.run([sys.executable, "-m", "msclip", "train", "train.steps=-1"], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=120)
+    bad = run_logged([sys.executable, "-m", "msclip", "train", "train.steps=-1"], cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "msclip train: error: recipe: train.steps=-1" in bad.stderr

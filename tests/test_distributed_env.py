@@ -15,6 +15,7 @@ import torch
 from msclip.device import pick_device
 from msclip.errors import MsclipError
 from msclip.train import distributed as D
+from proc_utils import spawn
 from torchrun_utils import SRC, free_port
 
 ALL_VARS = (*D.TORCHRUN_VARS, *D.SLURM_VARS, "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -125,18 +126,10 @@ def test_plain_srun_style_launch_forms_one_group(tmp_path: Path) -> None:
     base = {k: v for k, v in os.environ.items() if k not in ALL_VARS}
     base.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1",
                 MASTER_PORT=str(free_port()), PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID="0"))
+    procs = [spawn([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                   text=True, env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID="0"))
              for r in (0, 1)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=90)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
+    outs = [p.communicate(timeout=90)[0] for p in procs]  # a hung one is killed with its group after the test
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
     seen = json.loads((tmp_path / "ranks.json").read_text())
     assert seen == [{"rank": r, "local_rank": 0, "world_size": 2, "launcher": "slurm", "sum": 1} for r in (0, 1)]

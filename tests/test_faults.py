@@ -18,6 +18,7 @@ from msclip.train import loop as loop_mod
 from msclip.train.loop import NonFiniteLossError, TrainLoop
 from msclip.train.main import train
 from msclip.train.state import list_checkpoints, load_train_state
+from proc_utils import spawn
 from train_utils import tiny_recipe
 
 EVERY_STEP = {"every": 1, "keep_last": 10}
@@ -158,8 +159,8 @@ CLI_RECIPE = ["--model", "clip-b32-tiny", "data.kind=synthetic", "data.num_sampl
 
 def _msclip(*args: str, **kw: object) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    return subprocess.Popen([sys.executable, "-m", "msclip", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return spawn([sys.executable, "-m", "msclip", *args], env=env, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True, **kw)
 
 
 @pytest.fixture(scope="module")

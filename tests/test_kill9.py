@@ -17,6 +17,7 @@ import torch
 from msclip.train.main import train
 from msclip.train.recipe import load_recipe
 from msclip.train.state import load_train_state
+from proc_utils import spawn
 from test_data_faults import good_csv, good_shards
 
 STEPS, EVERY = 16, 8  # 24 pairs in batches of 4: 6 steps an epoch, so step 8 is inside epoch 1
@@ -45,8 +46,8 @@ def test_kill_9_after_a_checkpoint_in_epoch_1_resumes_bitwise(tmp_path: Path, ki
     ref = train(load_recipe(None, _overrides(kind, path, tmp_path, "ref")))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "msclip", "train", *_overrides(kind, path, tmp_path, "killed")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn([sys.executable, "-m", "msclip", "train", *_overrides(kind, path, tmp_path, "killed")],
+                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "killed" / "checkpoints" / f"step_{EVERY:08d}.pt"
     deadline = time.monotonic() + 120
     while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from msclip.data.fashion_mnist import fashion_mnist_available
+from proc_utils import run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -26,7 +27,7 @@ sys.path[:] = [p for p in sys.path if p.rstrip('/') != {str(SRC)!r}]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_logged(cmd, cwd=cwd, env=env, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from msclip.study import runner
 from msclip.study.report import role
 from msclip.study.spec import StudyError, load_study
 from msclip.study.stats import t_quantile, welch_interval
+from proc_utils import run_logged
 
 SECTIONS = ["## Results", "## The paper's claims, measured", "## Plots", "Intervals: Welch t-interval"]
 PLOTS = ["accuracy_vs_shared.png", "nmi_layers.png", "modality_gap.png", "loss_curves.png"]
@@ -102,7 +102,8 @@ def test_printed_commands_run_by_hand_give_the_same_report(smoke, tmp_path, caps
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}
     for line in commands:  # as a scheduler would: a shell line each
-        subprocess.run(["bash", "-c", line], env=env, check=True, capture_output=True)
+        done = run_logged(["bash", "-c", line], env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
     assert cli_main([*args, "--collect"]) == 0
     by_hand = json.loads((tmp_path / "smoke" / "study.json").read_text())["summary"][model]
     for key in DETERMINISTIC:

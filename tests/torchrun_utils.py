@@ -9,6 +9,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from proc_utils import kill_group, run_logged, spawn
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -35,7 +37,7 @@ def run_torchrun(script_args: list[str], nproc: int = 2, timeout: float = 150) -
     """``python -m torch.distributed.run`` on 127.0.0.1, CPU only, one thread per rank; asserts exit 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *script_args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_logged(cmd, env=_env(), timeout=timeout)  # a hung rank is killed with its launcher
     assert proc.returncode == 0, (f"torchrun exited {proc.returncode}: {' '.join(cmd)}\n"
                                   f"--- stderr ---\n{_excerpt(proc.stderr)}\n--- stdout ---\n{_excerpt(proc.stdout)}")
     return proc
@@ -52,7 +54,7 @@ def run_torchrun_nodes(script_args: list[str], nnodes: int = 2, nproc: int = 2,
              "--rdzv_id", run_id, *script_args] for i in range(nnodes)]
     # Logs go to files: a launcher blocked on a full pipe while we wait for another would hang the job.
     logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cmds]
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=out, stderr=err, text=True) for cmd, (out, err) in zip(cmds, logs)]
+    procs = [spawn(cmd, env=_env(), stdout=out, stderr=err, text=True) for cmd, (out, err) in zip(cmds, logs)]
     results = []
     try:
         for cmd, p, (out, err) in zip(cmds, procs, logs):
@@ -63,10 +65,8 @@ def run_torchrun_nodes(script_args: list[str], nnodes: int = 2, nproc: int = 2,
             if p.returncode != 0:
                 break
     finally:
-        for p in procs:  # one launcher failed or hung: do not leave the others waiting at the rendezvous
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        for p in procs:  # one launcher failed or hung: neither the others nor any rank is left waiting
+            kill_group(p)
         for out, err in logs:
             out.close()
             err.close()
