@@ -1,6 +1,7 @@
-"""Speed options: train.compile (same losses as eager, one graph for every text length, checkpoints with
-the model's own keys, resume), train.channels_last (same numbers), fused AdamW on CUDA and on the CPU, CUDA backend
-flags. CPU: compile uses the `aot_eager` / `eager` backends (inductor's C++ build takes minutes here)."""
+"""Speed options: train.compile model and step (same losses as eager, one graph for every text length,
+step's graph holding the loss, checkpoints with the model's own keys, resume), train.channels_last (same
+numbers), fused AdamW on CUDA and on the CPU, CUDA backend flags. CPU: compile uses the `aot_eager` /
+`eager` backends (inductor's C++ build takes minutes here)."""
 from __future__ import annotations
 
 import copy
@@ -9,15 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 import msclip
-from msclip.loss import ClipLoss
+from msclip.loss import ClipLoss, make_loss
 from msclip.model import MSCLIP
 from msclip.train.main import train
+from msclip.train.loop import backward_accumulated
 from msclip.train.optim import adamw_kernel, build_optimizer
-from msclip.train.precision import CompiledForward, configure_backends, set_channels_last
-from msclip.train.recipe import OptimRecipe
+from msclip.train.precision import (CompiledForward, CompiledStep, Precision, compile_for_training,
+                                    configure_backends, set_channels_last)
+from msclip.train.recipe import OptimRecipe, RecipeError, load_recipe
 from train_utils import tiny_recipe
 
 CONFIGS = Path(msclip.__file__).parent / "model_configs"
@@ -79,6 +85,107 @@ def test_compiled_forward_matches_eager_with_one_graph_for_all_lengths(tmp_path:
         compiled(torch.randn(4, 3, 64, 64), tokens_of_length(4, 7), trim=False)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert list(compiled.module.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefix
+
+
+def loop_steps(model: torch.nn.Module, params: MSCLIP, loss_fn: torch.nn.Module, lengths: list[int],
+               accum: int = 1) -> list[float]:
+    """Optimiser steps through the train loop's `backward_accumulated`, ``accum`` micro-batches each."""
+    opt = build_optimizer(params, OptimRecipe(lr=1e-3), 8, list(loss_fn.parameters()))
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for longest in lengths:
+        micro = [(torch.randn(4, 3, 64, 64, generator=g), tokens_of_length(4, longest - 3 * j, g))
+                 for j in range(accum)]
+        fp32 = Precision("fp32", torch.device("cpu"))
+        losses.append(backward_accumulated(model, micro, loss_fn, fp32, None).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_compiled_step_is_one_graph_with_the_loss_for_all_lengths(tmp_path: Path, one_thread: None,
+                                                                  loss_name: str) -> None:
+    """train.compile=step through the loop: 3 steps with texts trimmed to 8, 16 and 32 tokens give eager's
+    losses and weights (the loss's own SigLIP bias too) from ONE graph that holds the loss; with
+    accumulation only the forward is compiled (grad and no-grad: two more graphs, no loss in them)."""
+    eager = msclip.create_model(small_config(tmp_path))
+    eager.train()
+    model = copy.deepcopy(eager)
+    graphs = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    step = CompiledStep(model, backend=recording)
+    ref_loss, loss = make_loss(loss_name), make_loss(loss_name)
+    torch._dynamo.reset()
+    counters.clear()
+    ref = loop_steps(eager, eager, ref_loss, [5, 12, 30])
+    got = loop_steps(step, model, loss, [5, 12, 30])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == len(graphs) == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    loss_op = F.cross_entropy if loss_name == "clip" else F.logsigmoid
+    assert loss_op in {n.target for n in graphs[0].graph.nodes}  # the loss is inside the step's graph
+    ref += loop_steps(eager, eager, ref_loss, [20, 11], accum=2)
+    got += loop_steps(step, model, loss, [20, 11], accum=2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert len(graphs) == 3 and all(loss_op not in {n.target for n in g.graph.nodes} for g in graphs[1:])
+    for (name, a), b in zip([*eager.named_parameters(), *ref_loss.named_parameters()],
+                            [*model.parameters(), *loss.parameters()]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    assert list(step.module.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefix
+
+
+def test_recipe_accepts_compile_step_and_lists_the_modes_on_a_bad_one() -> None:
+    assert load_recipe(None, ["train.steps=1", "train.compile=step"]).train.compile == "step"
+    with pytest.raises(RecipeError, match=r"train.compile='graph': is not one of off, model, step"):
+        load_recipe(None, ["train.steps=1", "train.compile=graph"])
+
+
+def test_compile_modes_and_the_ddp_fallback(tmp_path: Path) -> None:
+    model = msclip.create_model(small_config(tmp_path))
+    assert compile_for_training(model, "off", "eager", distributed=False) is model
+    assert type(compile_for_training(model, "model", "eager", distributed=False)) is CompiledForward
+    assert type(compile_for_training(model, "step", "eager", distributed=False)) is CompiledStep
+    # DDP must wrap the module whose forward runs: under it step compiles the forward only
+    assert type(compile_for_training(model, "step", "eager", distributed=True)) is CompiledForward
+
+
+def varied_captions(root: Path, n: int = 24) -> dict:
+    """A csv data section whose captions run from 1 to ``n`` words, so batches trim to different lengths."""
+    (root / "img").mkdir()
+    lines = ["filepath,title"]
+    for i in range(n):
+        Image.new("RGB", (32, 32), ((i * 37) % 256, 80, 160)).save(root / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png," + " ".join(["red", "square"][i % 2] for _ in range(i + 1)))
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return {"kind": "csv", "path": str(root / "pairs.csv"), "batch_size": 8, "workers": 0}
+
+
+def test_train_with_compile_step_matches_eager_with_model_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.compile=step through the trainer, over batches trimmed to different text lengths: eager's
+    losses and final weights, one graph, and the checkpoint and the exported weights with the model's keys."""
+    common = dict(model=small_config(tmp_path), train__steps=3, data=varied_captions(tmp_path))
+    eager = train(tiny_recipe(tmp_path, "eager", **common))
+    lengths, steps = [], []
+    trim, step = MSCLIP.trim_tokens, CompiledStep.forward_loss
+    monkeypatch.setattr(MSCLIP, "trim_tokens", staticmethod(lambda t: lengths.append(trim(t).shape[1]) or trim(t)))
+    monkeypatch.setattr(CompiledStep, "forward_loss", lambda self, *a: steps.append(1) or step(self, *a))
+    torch._dynamo.reset()
+    counters.clear()
+    got = train(tiny_recipe(tmp_path, "step", train__compile="step", train__compile_backend="eager", **common))
+    assert len(set(lengths)) > 1 and len(steps) == 3, (lengths, steps)  # every step ran forward_loss
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # the compiled step ran
+    torch.testing.assert_close(got.losses, eager.losses, rtol=0, atol=1e-6)
+    final = torch.load(got.last_checkpoint, weights_only=True)["model"]
+    ref = torch.load(eager.last_checkpoint, weights_only=True)["model"]
+    assert list(final) == list(msclip.create_model(common["model"]).state_dict())
+    for k in ref:
+        torch.testing.assert_close(final[k], ref[k], rtol=0, atol=1e-6, msg=k)
+    assert set(load_file(got.exported)) == set(ref)  # (read raw: loading would accept other layouts)
 
 
 def test_train_with_compile_saves_model_keys_and_resumes(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from msclip.data.device_batch import images_to_model_input
 from msclip.model import MSCLIP
 from msclip.train.distributed import DistEnv, max_over_ranks
 from msclip.train.logger import RunLogger
-from msclip.train.precision import Precision
+from msclip.train.precision import CompiledStep, Precision
 from msclip.train.state import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: nn.
     summed feature gradients equal those of one k x B batch (open_clip's scheme). The temperature multiplies
     every logit of every one of the k (numerically equal) losses, so it takes its gradient from one of them
     only, the last: otherwise it would get k times the big batch's. DDP syncs only on the last micro-batch.
+    With ``train.compile: step`` (a `CompiledStep`) one micro-batch runs forward and loss as one compiled
+    graph; k > 1 needs the features apart, so there only the forward is compiled and the loss is eager.
     Exact for models without batch statistics; BatchNorm layers see micro-batches of B.
     """
     def backward(loss: torch.Tensor) -> None:
@@ -98,8 +100,11 @@ def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: nn.
     if len(micro) == 1:
         images, tokens = micro[0]
         with precision.autocast():
-            out = model(images, tokens, trim=False)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            if isinstance(model, CompiledStep):  # train.compile=step: forward and loss in one graph
+                loss = model.forward_loss(images, tokens, loss_fn)
+            else:
+                out = model(images, tokens, trim=False)
+                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         backward(loss)
         return loss.detach().float()
     with torch.no_grad(), precision.autocast():

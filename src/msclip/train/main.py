@@ -29,7 +29,7 @@ from msclip.train import distributed as D
 from msclip.train.logger import METRICS_JSONL, RunLogger, csv_path
 from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop, format_duration
 from msclip.train.optim import build_optimizer
-from msclip.train.precision import CompiledForward, configure_backends, get_precision, set_channels_last
+from msclip.train.precision import compile_for_training, configure_backends, get_precision, set_channels_last
 from msclip.train.recipe import Recipe, RecipeError, save_recipe
 from msclip.train.scheduler import WarmupCosine
 from msclip.train.stop import StopRequest
@@ -162,7 +162,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
         return metrics
 
     # what the loop's forward runs through: compiled (train.compile) and/or DDP-wrapped, never what is saved
-    forward = CompiledForward(model, recipe.train.compile_backend) if recipe.train.compile == "model" else model
+    forward = compile_for_training(model, recipe.train.compile, recipe.train.compile_backend, env.distributed)
     loop = TrainLoop(
         model=D.wrap_ddp(forward, env.device) if env.distributed else forward, unwrapped=model, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler, precision=precision, scaler=scaler,

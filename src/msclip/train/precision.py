@@ -1,6 +1,7 @@
 """How the step's math runs: precision modes (fp32, bf16 autocast, fp16 autocast with a gradient scaler;
 ``auto`` picks bf16 where fast) and the speed settings next to them, each in this one place: the CUDA
-backend flags (TF32, cuDNN autotuning), ``train.compile`` (`CompiledForward`) and ``train.channels_last``."""
+backend flags (TF32, cuDNN autotuning), ``train.compile`` (`CompiledForward`, `CompiledStep`) and
+``train.channels_last``."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,8 @@ from typing import Any, ContextManager
 
 import torch
 from torch import nn
+
+from msclip.loss import ClipLoss
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,19 @@ def configure_backends(device: torch.device, *, tf32: bool = True, deterministic
     return flags
 
 
+def _dynamic_tokens(module: nn.Module, tokens: torch.Tensor | None, trim: bool) -> torch.Tensor | None:
+    """Tokens ready for a compiled graph: trimmed eagerly (a data-dependent length never enters the
+    graph), contiguous (a trimmed batch is a view with the full context's row stride unless it kept every
+    column, and that stride difference alone would compile a second graph), length marked dynamic."""
+    if tokens is None:
+        return None
+    if trim:
+        tokens = module.trim_tokens(tokens)
+    tokens = tokens.contiguous()
+    torch._dynamo.maybe_mark_dynamic(tokens, 1)
+    return tokens
+
+
 class CompiledForward(nn.Module):
     """The training forward of ``module`` compiled with torch.compile (``train.compile: model``).
 
@@ -88,21 +104,51 @@ class CompiledForward(nn.Module):
     length. Expected compilations: one, plus one for the no-grad feature pass of ``train.accum_freq > 1``.
     """
 
-    def __init__(self, module: nn.Module, backend: str = "inductor") -> None:
+    def __init__(self, module: nn.Module, backend: Any = "inductor") -> None:
         super().__init__()
         self.module = module
         self._forward = torch.compile(module.forward, backend=backend)  # a function: no second module
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
                 trim: bool = True) -> Any:
-        if tokens is not None:
-            if trim:  # data-dependent length: done eagerly, never inside the graph
-                tokens = self.module.trim_tokens(tokens)
-            # contiguous: a trimmed batch is a view (row stride = the full context) unless it kept every
-            # column, and that stride difference alone would compile a second graph
-            tokens = tokens.contiguous()
-            torch._dynamo.maybe_mark_dynamic(tokens, 1)
-        return self._forward(images, tokens, trim=False)
+        return self._forward(images, _dynamic_tokens(self.module, tokens, trim), trim=False)
+
+
+class CompiledStep(CompiledForward):
+    """``train.compile: step``: the model forward and the contrastive loss compiled as one function, so
+    they form one graph and AOT autograd derives one backward graph for both (`forward_loss`; the loop's
+    single micro-batch path). Called like a module it is `CompiledForward` (its own, lazily compiled
+    graph): ``train.accum_freq > 1`` needs the features apart for its cached no-grad pass and splice,
+    and runs the loss eagerly there. Expected compilations: one per path used (the step; with
+    accumulation the grad and no-grad forwards), each serving every text length.
+    """
+
+    def __init__(self, module: nn.Module, backend: Any = "inductor") -> None:
+        super().__init__(module, backend)
+        self._step = torch.compile(self._forward_loss, backend=backend)
+
+    def _forward_loss(self, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
+        out = self.module.forward(images, tokens, trim=False)
+        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+
+    def forward_loss(self, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module,
+                     trim: bool = False) -> torch.Tensor:
+        """The loss of one batch, forward and ``loss_fn`` in one compiled graph."""
+        if isinstance(loss_fn, ClipLoss):  # fill its label cache eagerly: filled in the graph, it would be
+            loss_fn.labels(images.shape[0], images.device)  # a guard that fails once (a second compilation)
+        return self._step(images, _dynamic_tokens(self.module, tokens, trim), loss_fn)
+
+
+def compile_for_training(model: nn.Module, mode: str, backend: str, distributed: bool) -> nn.Module:
+    """What the train loop's forward runs through for ``train.compile`` (``model`` itself for ``off``).
+
+    Under DDP ``step`` falls back to ``model``: DDP must wrap the module whose forward runs (its gradient
+    hooks start there), which `CompiledStep.forward_loss` would bypass; the loss with its gather / ring
+    exchange then runs eagerly after the compiled forward."""
+    if mode == "step" and distributed:
+        log.info("train.compile=step under DDP: compiling the forward only (the loss runs eagerly)")
+        mode = "model"
+    return {"model": CompiledForward, "step": CompiledStep}[mode](model, backend) if mode != "off" else model
 
 
 def _to_channels_last(module: nn.Module, args: tuple) -> tuple:

@@ -27,7 +27,7 @@ SCHEDULES = ("cosine", "const")
 UNITS = ("steps", "epochs")
 ZEROSHOT_KINDS = (None, "folder", "fashion_mnist")
 LOSSES = ("clip", "siglip")
-COMPILE_MODES = ("off", "model")
+COMPILE_MODES = ("off", "model", "step")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 _NOUN = "recipe field"
 
@@ -72,7 +72,8 @@ class TrainRecipe:
     loss: str = "clip"  # clip (softmax InfoNCE) | siglip (pairwise sigmoid, texts passed round a ring of ranks)
     # siglip: the learnable logit bias's start (the temperature starts at log(10) unless logit_scale_init is set)
     siglip_bias_init: float = -10.0
-    # off | model: torch.compile the training forward (one graph for every text length); checkpoints unchanged
+    # off | model | step: torch.compile the training forward (model) or forward + loss as one graph (step; with
+    # accum_freq > 1 or under DDP only the forward); one graph for every text length; checkpoints unchanged
     compile: str = "off"
     compile_backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager (the last two for debugging)
     # conv stem and parallel branch in channels_last (NHWC) memory format; off by default (see docs/training.md)
