@@ -108,7 +108,8 @@ BAD_VALUES = {
     "train.accum_freq": ("0", "must be >= 1"), "checkpoint.every": ("-1", "must be >= 0"),
     "checkpoint.keep_last": ("0", "must be >= 1"), "zeroshot.kind": ("imagenet", "is not one of"),
     "model": ("no-such-model", "unknown model"), "train.precision": ("fp8", "is not one of"),
-    "train.loss": ("infonce", "is not one of clip, siglip"), "train.compile": ("step", "is not one of off, model"),
+    "train.loss": ("infonce", "is not one of clip, siglip"),
+    "train.compile": ("graph", "is not one of off, model, step"),
     "train.compile_backend": ("cudagraphs", "is not one of inductor, aot_eager, eager"),
 }
 
