@@ -47,17 +47,21 @@ class ImageTower(nn.Module):
                                            cfg.parallel.lateral_layers, cfg.norm_eps,
                                            cfg.parallel.bottleneck_bn_eps)
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Images -> trunk input tokens [B, 1 + h*w, D] and the token grid (h, w)."""
-        x = self.stem(images)
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, BeforeBlockHook | None]:
+        """Images -> trunk input tokens [B, 1 + h*w, D] and the parallel branch's lateral hook (None
+        without a branch)."""
+        pair = None
+        if self.parallel is not None and isinstance(self.stem, ConvStem):
+            # The branch's first conv reads the images too: it runs inside the stem's first conv.
+            pair = self.stem.entry_pair(images, self.parallel.stages[0])
+        x = self.stem(images) if pair is None else self.stem(images, pair[0])
+        first = None if pair is None else pair[1]
         b, d, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # row-major grid -> [B, h*w, D]
         cls = self.class_embedding.to(x.dtype).expand(b, 1, d)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(x), h, w
-
-    def lateral_hook(self, images: torch.Tensor, h: int, w: int) -> BeforeBlockHook | None:
-        return None if self.parallel is None else self.parallel.lateral_hook(images, h, w)
+        hook = None if self.parallel is None else self.parallel.lateral_hook(images, h, w, first)
+        return self.ln_pre(x), hook
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Trunk output [B, L, D] -> ln_post of the class token [B, D]."""
@@ -101,8 +105,8 @@ class MSCLIP(nn.Module):
     def _image_tokens(self, images: torch.Tensor, collect: dict | None = None,
                       attn_layers: tuple[int, ...] = ()) -> torch.Tensor:
         images = images.to(self.image.positional_embedding.dtype)
-        x, h, w = self.image.embed(images)
-        return self.trunk(x, "image", self.image.lateral_hook(images, h, w), collect, attn_layers)
+        x, hook = self.image.embed(images)
+        return self.trunk(x, "image", hook, collect, attn_layers)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False, project: bool = True) -> torch.Tensor:
         """Image embeddings [B, embed_dim]; ``project=False`` stops before the projection ([B, width]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerNorm
+from .layers import LayerNorm, batch_norm_group, conv1x1, depthwise_pool
 from .trunk import BeforeBlockHook
 
 
@@ -21,8 +22,9 @@ class FirstStage(nn.Module):
         self.conv = nn.Conv2d(3, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(c_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)))
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out`: this stage's result already computed (by `ConvStem.entry_pair`), returned as is."""
+        return torch.relu(self.bn(self.conv(x))) if out is None else out
 
 
 class BottleneckStage(nn.Module):
@@ -41,10 +43,11 @@ class BottleneckStage(nn.Module):
         self.residual_bn = nn.BatchNorm2d(c_out, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return torch.relu(y + self.residual_bn(self.residual_conv(x)))
+        y = torch.relu(batch_norm_group(conv1x1(x, self.conv1.weight), [self.bn1]))
+        y = torch.relu(batch_norm_group(self.conv2(y), [self.bn2]))
+        y = batch_norm_group(conv1x1(y, self.conv3.weight), [self.bn3])
+        return torch.relu(y + batch_norm_group(conv1x1(x, self.residual_conv.weight, self.residual_conv.stride[0]),
+                                               [self.residual_bn]))
 
 
 class LateralAdapter(nn.Module):
@@ -64,12 +67,14 @@ class LateralAdapter(nn.Module):
     def forward(self, x: torch.Tensor, branch: torch.Tensor, h: int, w: int) -> torch.Tensor:
         b, n, d = x.shape
         cls, patches = x[:, :1], x[:, 1:]
-        grid = patches.transpose(1, 2).reshape(b, d, h, w)  # row-major token order
-        bottom = self.bottom_bn(self.bottom_dw(grid)).flatten(2).transpose(1, 2)
-        top = self.t2b_pw(self.t2b_bn(self.t2b_dw(branch)))
-        if top.shape[-2:] != (h, w):
-            raise RuntimeError(f"lateral adapter: branch map {tuple(top.shape[-2:])} != token grid {(h, w)}")
-        top = top.flatten(2).transpose(1, 2).to(bottom.dtype)
+        # Row-major token order; as a channels-last view of the tokens (no copy in, none out).
+        grid = patches.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+        bottom = batch_norm_group(self.bottom_dw(grid), [self.bottom_bn]).permute(0, 2, 3, 1).reshape(b, h * w, d)
+        pooled = batch_norm_group(depthwise_pool(branch, self.t2b_dw.weight), [self.t2b_bn])
+        if pooled.shape[-2:] != (h, w):
+            raise RuntimeError(f"lateral adapter: branch map {tuple(pooled.shape[-2:])} != token grid {(h, w)}")
+        # The 1x1 t2b_pw as a linear layer on the token layout.
+        top = F.linear(pooled.flatten(2).transpose(1, 2), self.t2b_pw.weight.flatten(1)).to(bottom.dtype)
         # The released models concatenate the class token in front of the top path too: cls + cls.
         return self.ln(torch.cat([cls + cls, bottom + top], dim=1))
 
@@ -95,10 +100,12 @@ class ParallelBranch(nn.Module):
         self.adapters = nn.ModuleList(
             LateralAdapter(c, width, k, norm_eps) for c, k in zip(channels, kernels))
 
-    def stage_outputs(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
-        """P_0 = stage_0(image), P_j = stage_j(P_{j-1}), computed one at a time as they are drawn."""
-        x = images
-        for stage in self.stages:
+    def stage_outputs(self, images: torch.Tensor, first: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """P_0 = stage_0(image), P_j = stage_j(P_{j-1}), computed one at a time as they are drawn;
+        `first`: P_0 already computed (by the conv stem's first conv, `ConvStem.entry_pair`)."""
+        x = self.stages[0](images, first)  # through the module call: its hooks see the stage as always
+        yield x
+        for stage in self.stages[1:]:
             x = stage(x)
             yield x
 
@@ -106,9 +113,10 @@ class ParallelBranch(nn.Module):
         """Every stage's feature map at once (for inspection; the model itself uses `lateral_hook`)."""
         return list(self.stage_outputs(images))
 
-    def lateral_hook(self, images: torch.Tensor, h: int, w: int) -> BeforeBlockHook:
-        """A trunk before-block hook for one forward pass over `images` (token grid h x w)."""
-        stages = self.stage_outputs(images)
+    def lateral_hook(self, images: torch.Tensor, h: int, w: int, first: torch.Tensor | None = None) -> BeforeBlockHook:
+        """A trunk before-block hook for one forward pass over `images` (token grid h x w; `first`: as
+        in `stage_outputs`)."""
+        stages = self.stage_outputs(images, first)
         adapter_at = dict(zip(self.lateral_layers, self.adapters))
 
         def before_block(layer: int, x: torch.Tensor) -> torch.Tensor:
