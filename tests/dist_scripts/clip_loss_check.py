@@ -93,3 +93,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter finalisation: under load, gloo's worker threads still holding autograd all-gather work
+    # aborted a rank there once ("terminate called without an active exception", exit -6) after every
+    # result was written and the group destroyed. The checks are done; nothing is left to flush.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
