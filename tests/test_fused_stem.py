@@ -139,3 +139,18 @@ def test_primitives_match_modules(one_thread):
         for n, t in zip(norms, twins):
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 torch.testing.assert_close(getattr(n, name), getattr(t, name), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # fewer rows than channels (plain QuickGELU) / more (silu path)
+def test_mlp_is_quickgelu_for_any_number_of_rows(rows, one_thread):
+    mlp = Mlp(16)
+    with torch.no_grad():
+        mlp.c_fc.bias.normal_()
+        mlp.c_proj.bias.normal_()
+    x = torch.randn(rows, 16, requires_grad=True)
+    out = mlp(x)
+    ref = _mlp(mlp, x)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    g, g_ref = torch.autograd.grad(out.sum(), (x, mlp.c_fc.weight)), torch.autograd.grad(ref.sum(), (x, mlp.c_fc.weight))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
