@@ -154,3 +154,15 @@ def test_mlp_is_quickgelu_for_any_number_of_rows(rows, one_thread):
     g, g_ref = torch.autograd.grad(out.sum(), (x, mlp.c_fc.weight)), torch.autograd.grad(ref.sum(), (x, mlp.c_fc.weight))
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_mlp_exports_with_a_symbolic_row_count(one_thread):
+    """A full-width MLP under torch.export with a dynamic batch: no branch on the row count in the graph
+    (`x.numel() < width ** 2` cannot be decided for a symbolic batch at width 768)."""
+    mlp = Mlp(768).eval()
+    x = torch.randn(4, 50, 768)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(mlp, (x,), dynamic_shapes=({0: batch},))
+    y = torch.randn(20, 50, 768)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(y), _mlp(mlp, y), atol=1e-5, rtol=0)
