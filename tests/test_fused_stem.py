@@ -141,7 +141,7 @@ def test_primitives_match_modules(one_thread):
                 torch.testing.assert_close(getattr(n, name), getattr(t, name), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("rows", [3, 40])  # fewer rows than channels (plain QuickGELU) / more (silu path)
+@pytest.mark.parametrize("rows", [3, 40])  # fewer and more rows than channels
 def test_mlp_is_quickgelu_for_any_number_of_rows(rows, one_thread):
     mlp = Mlp(16)
     with torch.no_grad():
@@ -157,8 +157,8 @@ def test_mlp_is_quickgelu_for_any_number_of_rows(rows, one_thread):
 
 
 def test_mlp_exports_with_a_symbolic_row_count(one_thread):
-    """A full-width MLP under torch.export with a dynamic batch: no branch on the row count in the graph
-    (`x.numel() < width ** 2` cannot be decided for a symbolic batch at width 768)."""
+    """A full-width MLP under torch.export with a dynamic batch: nothing in it branches on the row count
+    (a test such as `x.numel() < width ** 2` cannot be decided for a symbolic batch at width 768)."""
     mlp = Mlp(768).eval()
     x = torch.randn(4, 50, 768)
     batch = torch.export.Dim("batch", min=1, max=1024)
