@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_time, device_from_env, print_table  # noqa: E402
+from common import (best_time, count_flops, device_from_env, gemm_peak_gflops, print_efficiency,  # noqa: E402
+                    print_table)
 
 import msclip  # noqa: E402
 
@@ -28,8 +29,15 @@ def main() -> None:
     mss = msclip.create_model("msclip-s-b32")
     images = torch.randn(n_img, 3, 224, 224, device=device)
     captions = msclip.get_tokenizer("clip-b32")((CAPTIONS * n_txt)[:n_txt]).to(device)
-    rows = []
+    with torch.inference_mode():  # FLOPs per item (forward), the same in either precision
+        flops = {"img clip": count_flops(lambda: ours.encode_image(images[:1])),
+                 "img mss": count_flops(lambda: mss.encode_image(images[:1])),
+                 "txt clip": count_flops(lambda: ours.encode_text(captions)) / n_txt,
+                 "txt ref": count_flops(lambda: ours.encode_text(captions, trim=False)) / n_txt,
+                 "txt mss": count_flops(lambda: mss.encode_text(captions)) / n_txt}
+    rows, eff, peaks = [], [], {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peak = gemm_peak_gflops(device, dtype)
         r, o, s = (m.to(device=device, dtype=dtype) for m in (ref, ours, mss))
         x = images.to(dtype)
         with torch.inference_mode():
@@ -45,8 +53,18 @@ def main() -> None:
             rows.append((f"encode_text clip-b32 {precision} (txt/s)", n_txt / t_our, n_txt / t_ref))
             rows.append((f"encode_text clip-b32 untrimmed {precision} (txt/s)", n_txt / t_full, n_txt / t_ref))
             rows.append((f"encode_text msclip-s-b32 {precision} (txt/s)", n_txt / t_mss, n_txt / t_ref))
+        img, txt = rows[-5], rows[-3]
+        eff += [(f"encode_image clip-b32 {precision}", flops["img clip"], img[1], peak),
+                (f"encode_image open_clip {precision}", flops["img clip"], img[2], peak),
+                (f"encode_image msclip-s-b32 {precision}", flops["img mss"], rows[-4][1], peak),
+                (f"encode_text clip-b32 {precision}", flops["txt clip"], txt[1], peak),
+                (f"encode_text open_clip (77 tokens) {precision}", flops["txt ref"], txt[2], peak),
+                (f"encode_text msclip-s-b32 {precision}", flops["txt mss"], rows[-1][1], peak)]
+        peaks[precision] = peak
     print_table(f"encode throughput on {device} (reference = open_clip ViT-B-32-quickgelu, same run; "
                 f"torch threads {torch.get_num_threads()})", rows)
+    print_efficiency("achieved GFLOP/s against this machine's measured GEMM rate (same run, same threads: "
+                     + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()) + ")", eff)
 
 
 if __name__ == "__main__":
