@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_time, device_from_env, gemm_peak_gflops, print_efficiency, print_table  # noqa: E402
+from common import (best_time, count_flops, device_from_env, gemm_peak_gflops, print_efficiency,  # noqa: E402
+                    print_table)
 
 import msclip  # noqa: E402
 from msclip.loss import ClipLoss  # noqa: E402
@@ -51,19 +52,18 @@ def make_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor
 
 def train_flops(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, trim: bool = True) -> int:
     """FLOPs of forward + loss + backward; ``trim=False`` runs every text position (the 77-token convention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model.train()
-    counter = FlopCounterMode(display=False)
-    with counter:
+    def step() -> None:
         if trim:
             feats = _features(model(images, tokens))
         else:
             feats = (model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True, trim=False),
                      model.logit_scale.exp())
         ClipLoss()(*feats).backward()
+
+    model.train()
+    flops = count_flops(step)
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return flops
 
 
 def main() -> None:
