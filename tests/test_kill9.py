@@ -16,9 +16,11 @@ import torch
 
 from msclip.train.main import train
 from msclip.train.recipe import load_recipe
+from msclip.train.run_folder import RunFolderError
 from msclip.train.state import load_train_state
 from proc_utils import spawn
 from test_data_faults import good_csv, good_shards
+from train_utils import tiny_recipe
 
 STEPS, EVERY = 16, 8  # 24 pairs in batches of 4: 6 steps an epoch, so step 8 is inside epoch 1
 
@@ -64,3 +66,23 @@ def test_kill_9_after_a_checkpoint_in_epoch_1_resumes_bitwise(tmp_path: Path, ki
     assert expected.keys() == final.keys()
     assert all(torch.equal(final[k], v) for k, v in expected.items()), "weights differ from the uninterrupted run"
     assert _losses(tmp_path / "killed") == _losses(ref.run_dir), "per-step losses differ"
+
+
+def test_a_run_folder_in_use_is_refused_until_its_writer_is_killed(tmp_path: Path) -> None:
+    """A second trainer on a folder another process holds is refused, naming the holder, and changes nothing;
+    once the holder is killed with -9 (no handler runs), the kernel has dropped its lock: resume works."""
+    first = train(tiny_recipe(tmp_path, "busy", train__steps=2))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    holder = spawn([sys.executable, "-c", "import sys, time; from msclip.train.run_folder import RunFolderLock; "
+                    "RunFolderLock(sys.argv[1]).__enter__(); print('locked', flush=True); time.sleep(300)",
+                    str(first.run_dir)], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    before = {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*")}
+    in_use = rf"{first.run_dir} is in use by another msclip process \(pid {holder.pid}\)"
+    with pytest.raises(RunFolderError, match=in_use):
+        train(tiny_recipe(tmp_path, "busy", train__steps=4, resume="latest"))
+    assert {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*")} == before
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    resumed = train(tiny_recipe(tmp_path, "busy", train__steps=4, resume="latest"))
+    assert resumed.start_step == 2 and resumed.state.step == 4

@@ -5,12 +5,11 @@ resume -> DDP -> loop -> final checkpoint + exported weights.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,20 +20,19 @@ import torch
 from torch import nn
 
 import msclip
-from msclip.errors import MsclipError
-from msclip.io import remove_stale_temporaries
 from msclip.loss import make_loss
 from msclip.model import MSCLIP
 from msclip.train import distributed as D
-from msclip.train.logger import METRICS_JSONL, RunLogger, csv_path
+from msclip.train.logger import RunLogger
 from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop, format_duration
 from msclip.train.optim import build_optimizer
 from msclip.train.precision import compile_for_training, configure_backends, get_precision, set_channels_last
-from msclip.train.recipe import Recipe, RecipeError, save_recipe
+from msclip.train.recipe import Recipe, RecipeError
+from msclip.train.run_folder import EXPORT_NAME, prepare_run_dir
 from msclip.train.scheduler import WarmupCosine
 from msclip.train.stop import StopRequest
-from msclip.train.state import (capture_rng, checkpoint_dir, checkpoint_path, list_checkpoints,
-                                load_resume_state, load_train_state, nonfinite_tensors, save_train_state)
+from msclip.train.state import (capture_rng, checkpoint_path, load_resume_state, load_train_state, nonfinite_tensors,
+                                save_train_state)
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +107,9 @@ def train(recipe: Recipe, *, stop_after: int | None = None, overwrite: bool = Fa
         torch.set_num_threads(recipe.train.threads)
     env = D.init_distributed(recipe.device)
     try:
-        with StopRequest() as stop:  # before the data workers start, so that they inherit it
-            result = _train(recipe, env, stop_after, overwrite, stop, t_start)
+        # StopRequest before the data workers start, so that they inherit it; `held`: the run folder's lock
+        with StopRequest() as stop, contextlib.ExitStack() as held:
+            result = _train(recipe, env, stop_after, overwrite, stop, t_start, held)
     except NonFiniteLossError:
         D.cleanup(env)  # every rank took this decision together (all-reduced), so they tear down in step
         raise
@@ -123,8 +122,8 @@ def train(recipe: Recipe, *, stop_after: int | None = None, overwrite: bool = Fa
 
 
 def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bool, stop: StopRequest,
-           t_start: float) -> TrainResult:
-    run_dir = _prepare_run_dir(recipe, env, overwrite)
+           t_start: float, held: contextlib.ExitStack) -> TrainResult:
+    run_dir = prepare_run_dir(_run_dir(recipe, env), recipe, env, overwrite, held)
     model, train_tf, eval_tf, tokenizer = _build_model(recipe, env)
     data = _data(recipe, train_tf, tokenizer, env)
     plan = plan_steps(recipe, data.num_batches, env.world_size)
@@ -205,65 +204,6 @@ def _log_summary(logger: RunLogger, loop: TrainLoop, total: int, skips: dict[str
 
 
 # --- set-up ---------------------------------------------------------------------------------------------
-
-class RunFolderError(MsclipError):
-    """The run folder already holds another run's checkpoints or exported weights."""
-
-
-EXPORT_NAME = "model.safetensors"
-
-
-def _prepare_run_dir(recipe: Recipe, env: D.DistEnv, overwrite: bool = False) -> Path:
-    """The run folder, with the resolved recipe in it (rank 0 writes; every rank agrees on the path).
-
-    A folder holding an earlier run is refused unless resuming or ``overwrite`` (checked before anything
-    in it changes); temporary files an interrupted write left behind are removed."""
-    run_dir = _run_dir(recipe, env)
-    problem = _reuse_problem(recipe, run_dir) if env.is_master and not overwrite else ""
-    problem = D.broadcast_object(problem, env)
-    if problem:
-        raise RunFolderError(problem)
-    if env.is_master:
-        if overwrite and not recipe.resume:
-            _clear_previous_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (run_dir, checkpoint_dir(run_dir)):
-            for tmp in remove_stale_temporaries(folder):
-                log.info("removed %s, a temporary file left by an interrupted write", tmp)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-    D.barrier(env)
-    return run_dir
-
-
-def _reuse_problem(recipe: Recipe, run_dir: Path) -> str:
-    if recipe.resume:
-        return ""
-    held = [p.name for _, p in list_checkpoints(checkpoint_dir(run_dir))]
-    if (run_dir / EXPORT_NAME).is_file():
-        held.append(EXPORT_NAME)
-    if not held:
-        return ""
-    shown = ", ".join(held[-3:]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-    return (f"run folder {run_dir} already holds an earlier run ({shown}); nothing was changed. "
-            "Continue it with resume=latest, start a new one with another name=..., "
-            "or replace it with --overwrite")
-
-
-def _clear_previous_run(run_dir: Path) -> None:
-    """Remove what an earlier run wrote here (checkpoints, export, metrics), so nothing of it mixes in."""
-    metrics = run_dir / METRICS_JSONL
-    kinds = set()
-    if metrics.is_file():
-        for line in metrics.read_text(errors="replace").splitlines():
-            kinds.add(str(json.loads(line).get("kind", "")) if line.startswith("{") else "")
-    doomed = [p for _, p in list_checkpoints(checkpoint_dir(run_dir))]
-    doomed += [run_dir / EXPORT_NAME, metrics] + [csv_path(run_dir, k) for k in kinds if k]
-    for path in doomed:
-        path.unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-    if doomed:
-        log.warning("overwrite: removed the earlier run's checkpoints, weights and metrics in %s", run_dir)
-
 
 def _build_model(recipe: Recipe, env: D.DistEnv) -> tuple[MSCLIP, Any, Any, Any]:
     flags = configure_backends(env.device, tf32=recipe.train.tf32, deterministic=recipe.train.deterministic)
