@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,8 @@ from msclip.study import runner
 from msclip.study.report import role
 from msclip.study.spec import StudyError, load_study
 from msclip.study.stats import t_quantile, welch_interval
-from proc_utils import run_logged
+from msclip.train.state import checkpoint_dir, list_checkpoints
+from proc_utils import run_logged, spawn
 
 SECTIONS = ["## Results", "## The paper's claims, measured", "## Plots", "Intervals: Welch t-interval"]
 PLOTS = ["accuracy_vs_shared.png", "nmi_layers.png", "modality_gap.png", "loss_curves.png"]
@@ -168,3 +172,40 @@ def test_jobs_get_a_share_of_the_cores_or_a_gpu_each(monkeypatch):
     monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 2)
     assert [runner.slot_env(s, 2)[0]["CUDA_VISIBLE_DEVICES"] for s in range(3)] == ["0", "1", "0"]
+
+
+def test_killing_the_study_stops_and_saves_its_runs_and_a_rerun_finishes_them(tmp_path, monkeypatch):
+    """kill -9 of `msclip study --jobs 2`: its runs get SIGTERM instead of training on as orphans (which a
+    re-run would find holding their folders), save the step they are in and stop; a re-run resumes them."""
+    over = [f"output_dir={tmp_path}", "recipe.train.steps=150", "recipe.checkpoint.every=0"]  # saved: only at the stop
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    study = spawn([sys.executable, "-m", "msclip", "study", "--preset", "smoke", "--jobs", "2", *over], env=env,
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [tmp_path / "smoke" / "runs" / f"{m}-seed0" for m in ("clip-b32-tiny", "msclip-b32-tiny")]
+    deadline = time.monotonic() + 120
+    while not all((r / "metrics.jsonl").is_file() and (r / "metrics.jsonl").read_text() for r in runs):
+        assert time.monotonic() < deadline and study.poll() is None, "the runs did not start"
+        time.sleep(0.02)
+    os.kill(study.pid, signal.SIGKILL)  # the study only: no handler of its runs
+    study.wait(timeout=30)
+    deadline = time.monotonic() + 90
+    while _group_alive(study.pid):
+        assert time.monotonic() < deadline, "the study's runs outlived it"
+        time.sleep(0.05)
+    for run in runs:
+        steps = [s for s, _ in list_checkpoints(checkpoint_dir(run))]
+        assert steps and max(steps) < 150, run
+        assert "msclip train: stopped" in (run.parent / f"{run.name}.train.log").read_text(), run
+
+    calls = _counting_train(monkeypatch)
+    runner.run_study(load_study(preset="smoke", overrides=over), write=lambda line: None)
+    assert sorted((name, start > 0, end) for name, _, start, end in calls) == [
+        ("clip-b32-tiny-seed0", True, 150), ("msclip-b32-tiny-seed0", True, 150)]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

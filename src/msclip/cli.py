@@ -16,6 +16,7 @@ from typing import Callable
 
 from . import commands
 from .errors import MsclipError
+from .train.stop import stop_with_parent_from_env
 from .version import __version__
 
 USER_ERRORS = (MsclipError, FileNotFoundError)
@@ -50,6 +51,7 @@ def run_guarded(command: str, fn: Callable[[argparse.Namespace], int | None], ar
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_with_parent_from_env()  # a run of `msclip study --jobs` ends with the study, kill -9 included
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -30,6 +30,7 @@ from msclip.device import pick_device
 from msclip.errors import MsclipError
 from msclip.train import train
 from msclip.train.state import checkpoint_dir, list_checkpoints
+from msclip.train.stop import PARENT_ENV
 
 from . import metrics as M
 from .report import build_report
@@ -177,7 +178,7 @@ def run_study(spec: StudySpec, *, jobs: int = 1, write: Callable[[str], None] = 
 def slot_env(slot: int, jobs: int) -> tuple[dict[str, str], list[str]]:
     """Environment and train overrides of worker `slot`: one GPU each when there are GPUs, else a share of
     the CPU threads (OMP/MKL and torch's own count)."""
-    env = dict(os.environ)
+    env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})  # the run stops (and saves) if the study dies
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
         return env, []
@@ -187,11 +188,16 @@ def slot_env(slot: int, jobs: int) -> tuple[dict[str, str], list[str]]:
 
 
 def _run_logged(words: list[str], env: dict[str, str], log_path: Path, what: str) -> None:
+    """Run one `msclip ...` command, its output streamed into `log_path` (a file, not a pipe: if the study
+    dies, the run can still write its last lines while it saves and stops)."""
     cmd = [sys.executable, "-m", "msclip", *words[1:]]  # `msclip ...` as this interpreter's module
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    mio.write_text(log_path, f"$ {shlex.join(words)}\n{proc.stdout}{proc.stderr}")
-    if proc.returncode != 0:
-        raise RunFailed(f"{what} failed (exit {proc.returncode}); see {log_path}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        log.write(f"$ {shlex.join(words)}\n")
+        log.flush()
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RunFailed(f"{what} failed (exit {code}); see {log_path}")
 
 
 def _run_parallel(spec: StudySpec, todo: list[RunPlan], jobs: int, progress: Progress) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType, TracebackType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -44,3 +45,24 @@ class StopRequest:
 
 def exit_code(signum: int) -> int:
     return 128 + signum
+
+
+PARENT_ENV = "MSCLIP_STOP_WITH_PARENT"  # a parent's pid: `msclip study --jobs` sets it for every run it starts
+
+
+def stop_with_parent_from_env(poll_s: float = 0.5) -> None:
+    """With ``MSCLIP_STOP_WITH_PARENT=<pid>`` set (by the study runner), send this process one SIGTERM once
+    that parent is gone, ``kill -9`` included: a trainer then saves its step and exits, instead of training
+    on as an orphan that a re-run of the study would find holding the run folder. A daemon thread watches
+    the parent pid (Linux's PR_SET_PDEATHSIG fires again for every thread of a dying multi-threaded
+    parent, and a second SIGTERM means "exit without saving")."""
+    pid = os.environ.pop(PARENT_ENV, "")  # this process's own children (data workers) need not know it
+    if not pid.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(pid):
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="msclip-stop-with-parent", daemon=True).start()
