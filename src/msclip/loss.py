@@ -98,6 +98,8 @@ class ClipLoss(nn.Module):
 
     def labels(self, n: int, device: torch.device) -> torch.Tensor:
         offset = n * self.rank if (self.local_loss and self.world_size > 1) else 0
+        if torch.compiler.is_compiling():  # in a graph arange is free, and filling the cache there would be a
+            return torch.arange(offset, offset + n, device=device, dtype=torch.long)  # guard that recompiles
         key = (device, n, offset)
         if key not in self._labels:  # cached: the same (device, size) repeats every step
             self._labels[key] = torch.arange(offset, offset + n, device=device, dtype=torch.long)

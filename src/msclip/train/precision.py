@@ -12,8 +12,6 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from msclip.loss import ClipLoss
-
 log = logging.getLogger(__name__)
 
 
@@ -134,8 +132,6 @@ class CompiledStep(CompiledForward):
     def forward_loss(self, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module,
                      trim: bool = False) -> torch.Tensor:
         """The loss of one batch, forward and ``loss_fn`` in one compiled graph."""
-        if isinstance(loss_fn, ClipLoss):  # fill its label cache eagerly: filled in the graph, it would be
-            loss_fn.labels(images.shape[0], images.device)  # a guard that fails once (a second compilation)
         return self._step(images, _dynamic_tokens(self.module, tokens, trim), loss_fn)
 
 
