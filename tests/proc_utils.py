@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 _SPAWNED: list[subprocess.Popen] = []
 
@@ -38,30 +38,22 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         proc.wait(timeout=30)
 
 
-@contextlib.contextmanager
-def killed_on_exit(*procs: subprocess.Popen) -> Iterator[None]:
-    """Whatever the test does with them, no group of ``procs`` survives the block."""
-    try:
-        yield
-    finally:
-        for p in procs:
-            kill_group(p)
-
-
 def run_logged(cmd: list[str], *, timeout: float, **popen_kw: Any) -> subprocess.CompletedProcess:
     """Like ``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` but hang-proof:
-    on a timeout the whole process group is killed and ``subprocess.TimeoutExpired`` carries the output so far.
+    on a timeout the whole process group is killed and ``subprocess.TimeoutExpired`` carries the output so far
+    (whatever of the group outlives a finished child goes at the end of the test, with `kill_spawned`).
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = spawn(cmd, stdout=out, stderr=err, text=True, **popen_kw)
-        with killed_on_exit(proc):
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                kill_group(proc)
-                out.seek(0)
-                err.seek(0)
-                raise subprocess.TimeoutExpired(cmd, timeout, output=out.read(), stderr=err.read()) from None
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            timed_out = True
+        else:
+            timed_out = False
         out.seek(0)
         err.seek(0)
+        if timed_out:
+            raise subprocess.TimeoutExpired(cmd, timeout, output=out.read(), stderr=err.read())
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
