@@ -5,7 +5,7 @@
 2. ``msclip-s-b32`` vs ``clip-b32``, with the FLOP ratio (``torch.utils.flop_counter``, forward + backward)
    beside it. Goal: the step-time ratio is no worse than the FLOP ratio (about 1.6x).
 
-msclip cuts each text batch to its longest caption (rounded up to 8 tokens) as part of its forward; open_clip
+msclip cuts each text batch to its longest caption as part of its forward; open_clip
 always runs all 77 positions. Both get the same 77-token batch here, so that saving is part of the result.
 """
 from __future__ import annotations

@@ -65,7 +65,7 @@ def run_steps(model: torch.nn.Module, params: MSCLIP, lengths: list[int]) -> lis
 
 @pytest.mark.slow  # ~30 s on a loaded 2-core machine (AOTAutograd traces forward and backward)
 def test_compiled_forward_matches_eager_with_one_graph_for_all_lengths(tmp_path: Path, one_thread: None) -> None:
-    """3 optimiser steps with texts trimmed to 8, 16 and 32 tokens: the same losses and weights as eager,
+    """3 optimiser steps with texts trimmed to 5, 12 and 30 tokens: the same losses and weights as eager,
     and exactly one graph compiled (the text length is dynamic); a no-grad pass adds exactly one more."""
     eager = msclip.create_model(small_config(tmp_path))
     eager.train()
@@ -73,7 +73,7 @@ def test_compiled_forward_matches_eager_with_one_graph_for_all_lengths(tmp_path:
     compiled = CompiledForward(compiled_model, backend="aot_eager")
     torch._dynamo.reset()
     counters.clear()
-    ref = run_steps(eager, eager, [5, 12, 30])  # trimmed to 8, 16 and 32 (the whole context) tokens
+    ref = run_steps(eager, eager, [5, 12, 30])  # trimmed to 5, 12 and 30 tokens (context 32)
     got = run_steps(compiled, compiled_model, [5, 12, 30])
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
@@ -106,7 +106,7 @@ def loop_steps(model: torch.nn.Module, params: MSCLIP, loss_fn: torch.nn.Module,
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_compiled_step_is_one_graph_with_the_loss_for_all_lengths(tmp_path: Path, one_thread: None,
                                                                   loss_name: str) -> None:
-    """train.compile=step through the loop: 3 steps with texts trimmed to 8, 16 and 32 tokens give eager's
+    """train.compile=step through the loop: 3 steps with texts trimmed to 5, 12 and 30 tokens give eager's
     losses and weights (the loss's own SigLIP bias too) from ONE graph that holds the loss; with
     accumulation only the forward is compiled (grad and no-grad: two more graphs, no loss in them)."""
     eager = msclip.create_model(small_config(tmp_path))

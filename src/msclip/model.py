@@ -8,7 +8,6 @@ Data flow:
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +18,6 @@ from .layers import LayerNorm
 from .parallel import ParallelBranch
 from .stems import ConvStem, PatchEmbed
 from .trunk import BeforeBlockHook, Trunk
-
-# Round trimmed text lengths up to a multiple of this, so compiled graphs see few distinct shapes.
-_TRIM_MULTIPLE = 8
-
 
 class ImageTower(nn.Module):
     """The image-only parts around the trunk: the embedding in front (stem, class token, positions,
@@ -119,10 +114,11 @@ class MSCLIP(nn.Module):
     @staticmethod
     def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
         """Cut a batch to its longest caption. Exact: the text is causal and pooled at the EOT
-        (argmax) position, so tokens after every EOT cannot change the pooled outputs."""
-        longest = int(tokens.argmax(dim=-1).max()) + 1
-        length = min(tokens.shape[1], math.ceil(longest / _TRIM_MULTIPLE) * _TRIM_MULTIPLE)
-        return tokens[:, :length]
+        (argmax) position, so tokens after every EOT cannot change the pooled outputs.
+        Cut to the longest caption itself, not rounded up: compiled graphs mark the length dynamic (one
+        graph for all lengths), and rounding to 8 cost the tiny models' training step 4 % on CPU.
+        """
+        return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
 
     def _text_tokens(self, tokens: torch.Tensor, collect: dict | None = None,
                      attn_layers: tuple[int, ...] = ()) -> torch.Tensor:

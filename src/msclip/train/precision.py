@@ -98,7 +98,7 @@ class CompiledForward(nn.Module):
     Only what the train loop runs goes through it: the checkpoints, the export and the in-training
     zero-shot use ``module`` itself, so state_dict keys stay the model's (no ``_orig_mod.`` prefix) and
     evaluation does not recompile. The text length changes from step to step (each batch is cut to its
-    longest caption, rounded up by `MSCLIP.trim_tokens`), so it is marked dynamic: one graph serves every
+    longest caption by `MSCLIP.trim_tokens`), so it is marked dynamic: one graph serves every
     length. Expected compilations: one, plus one for the no-grad feature pass of ``train.accum_freq > 1``.
     """
 
