@@ -190,7 +190,7 @@ class TrainLoop:
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> MicroBatch:
         images, tokens = batch
         dev = self.env.device
-        # cut to the longest caption on the CPU, before the copy, with the model's rule (rounded lengths)
+        # cut to the longest caption on the CPU, before the copy (no device sync to find the length)
         tokens = self.unwrapped.trim_tokens(tokens)
         pre = self.unwrapped.cfg.preprocess
         return images_to_model_input(images, dev, pre.mean, pre.std), tokens.to(dev, non_blocking=True)
