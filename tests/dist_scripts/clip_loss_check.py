@@ -48,10 +48,38 @@ def feature_check(rank: int, world: int, local_loss: bool, with_grad: bool) -> d
     dist.all_reduce(scale_grad)
     scale_grad /= world
     out = {"loss": (mean_loss - ref.detach()).abs().item(), "scale_grad": (scale_grad - rs.grad).abs().item()}
-    if with_grad:  # without grad the other ranks' contributions are dropped by design
+    if with_grad:
         out["img_grad"] = (li.grad - world * ri.grad[sl]).abs().max().item()
         out["txt_grad"] = (lt.grad - world * rt.grad[sl]).abs().max().item()
+    else:  # the other ranks' contributions are dropped by design, this rank's own loss's are kept
+        want_i, want_t = own_loss_grads(img, txt, scale, rank, world, local_loss)
+        out["img_grad"] = (_grad(li) - want_i).abs().max().item()
+        out["txt_grad"] = (_grad(lt) - want_t).abs().max().item()
     return out
+
+
+def _grad(x: torch.Tensor) -> torch.Tensor:
+    return x.grad if x.grad is not None else torch.zeros_like(x)  # no grad at all: a large difference
+
+
+def own_loss_grads(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, rank: int, world: int,
+                   local_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(rank's loss)/d(rank's slice) with every other slice a constant: what ``gather_with_grad=False``
+    promises. The rank's loss, from its definition: the full matrix's loss, or with ``local_loss`` only
+    its own B rows and B columns (targets offset by rank * B)."""
+    sl = slice(rank * B, (rank + 1) * B)
+    mi, mt = img[sl].clone().requires_grad_(), txt[sl].clone().requires_grad_()
+    all_i = torch.cat([img[:sl.start], mi, img[sl.stop:]])
+    all_t = torch.cat([txt[:sl.start], mt, txt[sl.stop:]])
+    if local_loss:
+        labels = torch.arange(sl.start, sl.stop)
+        own = 0.5 * (F.cross_entropy(scale * mi @ all_t.T, labels) + F.cross_entropy(scale * mt @ all_i.T, labels))
+    else:
+        logits = scale * all_i @ all_t.T
+        labels = torch.arange(world * B)
+        own = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    own.backward()
+    return mi.grad, mt.grad
 
 
 def ddp_check(rank: int, world: int, local_loss: bool) -> dict[str, float]:
