@@ -193,3 +193,21 @@ def test_partial_batch_remainder_counted_per_epoch(tmp_path: Path) -> None:
     info = build(DataSpec("webdataset", path=good_shards(tmp_path / "w", n_shards=2, per_shard=7)), workers=2)
     epoch_batches(info, 0)  # 14 samples, 2 streams of batches of 3: 12 delivered
     assert (info.stats.dropped_partial, info.stats.seen) == (2, 12)
+
+
+@pytest.mark.timeout(60)  # the bug this guards was an endless loop
+@pytest.mark.parametrize("fault", ["no_caption", "unreadable"])
+def test_resampled_shards_without_a_usable_sample_stop_with_an_error(tmp_path: Path, fault: str) -> None:
+    """A resampled stream never ends a pass, so the per-pass guard cannot fire: a budget of shard draws stands
+    in for it. Before, a resampled stream of only unusable samples (or unreadable shards) spun forever."""
+    for s in range(2):
+        path = tmp_path / f"shard-{s}.tar"
+        if fault == "unreadable":
+            path.write_bytes(b"not a tar file at all" * 40)
+        else:
+            write_tar(path, [(f"{s}{i:03d}.png", shape_png(i)) for i in range(3)])  # images, no captions
+    spec = DataSpec("webdataset", path=f"{tmp_path}/shard-{{0..1}}.tar", num_samples=6, resampled=True)
+    info = build(spec, workers=0)
+    info.set_epoch(0)
+    with pytest.raises(RuntimeError, match="resampled shards gave no sample|no usable sample"):
+        next(iter(info.loader))

@@ -150,7 +150,13 @@ class ShardStream(IterableDataset):
     def _raw_samples(self, epoch: int, worker: int, num_workers: int, counts: _Counts) -> Iterator[dict | None]:
         """Raw samples; ``None`` after each pass (the shuffle buffer empties there)."""
         empty_passes, got_any = 0, False
-        for url, pass_index in self._shards(epoch, worker, num_workers):
+        barren_draws = 0  # resampled: shards drawn in a row that gave no sample at all
+        for draw, (url, pass_index) in enumerate(self._shards(epoch, worker, num_workers)):
+            if self.resampled:  # no passes to count there: a draw budget instead (see _stalled)
+                if barren_draws >= self._draw_budget():
+                    raise RuntimeError(f"a data worker's resampled shards gave no sample in {barren_draws} draws "
+                                       f"in a row (counts: {counts.counts})")
+                barren_draws += 1
             if not url:  # end of a pass
                 empty_passes = 0 if got_any else empty_passes + 1
                 if empty_passes >= MAX_EMPTY_PASSES:
@@ -162,8 +168,8 @@ class ShardStream(IterableDataset):
             try:
                 with _open(url) as stream:
                     for sample in iter_samples(stream, url):
-                        sample["__pass__"] = pass_index
-                        got_any = True
+                        sample["__pass__"], sample["__draw__"] = pass_index, draw
+                        got_any, barren_draws = True, 0
                         yield sample
             except ShardTruncated as err:
                 counts.shard_problem("truncated_shards", str(err), pass_index)
@@ -226,10 +232,21 @@ class ShardStream(IterableDataset):
             samples.close()
             raw.close()
 
+    def _draw_budget(self) -> int:
+        """Resampled streams never end a pass; as many shard draws as MAX_EMPTY_PASSES passes would make
+        stand in for them, so a stream of only unusable samples stops with an error instead of spinning."""
+        return MAX_EMPTY_PASSES * len(self.urls)
+
+    def _stalled(self, sample: dict, last_usable: dict | None) -> bool:
+        """No usable sample for MAX_EMPTY_PASSES passes (resampled: that many passes' worth of draws)."""
+        if self.resampled:
+            return sample["__draw__"] - (last_usable["__draw__"] if last_usable else 0) >= self._draw_budget()
+        return sample["__pass__"] - (last_usable["__pass__"] if last_usable else 0) >= MAX_EMPTY_PASSES
+
     def _batches(self, samples: Iterator[dict], counts: _Counts, stream_seed: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
         position = 0  # samples delivered by this worker in this epoch: the augmentation seed
-        last_usable_pass = 0
+        last_usable: dict | None = None
         for _ in range(self.batches_per_worker):
             images: list[torch.Tensor] = []
             captions: list[str] = []
@@ -239,11 +256,12 @@ class ShardStream(IterableDataset):
                     raise RuntimeError("a data worker's sample stream ended early")  # not reached: passes repeat
                 got = self._transformed(sample, counts, mix_seed(stream_seed, position, AUGMENT_SALT))
                 if got is None:
-                    if sample["__pass__"] - last_usable_pass >= MAX_EMPTY_PASSES:
+                    if self._stalled(sample, last_usable):
                         raise RuntimeError(f"a data worker's shards gave no usable sample in {MAX_EMPTY_PASSES} "
-                                           f"passes (counts: {counts.counts})")
+                                           f"{'rounds of shard draws' if self.resampled else 'passes'} "
+                                           f"(counts: {counts.counts})")
                     continue
-                last_usable_pass = sample["__pass__"]
+                last_usable = sample
                 if sample["__pass__"] > 0:
                     counts.counts["shortfall"] += 1
                 images.append(got[0])
