@@ -11,9 +11,10 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
-
 from byte_tokenizer import CTX, byte_tokenize, decode
+from PIL import Image
+from scipy.stats import ks_2samp
+
 from msclip.config import PreprocessCfg
 from msclip.data import DataSpec, build_train_data
 from msclip.data import fashion_mnist as fm
@@ -62,25 +63,43 @@ def test_vectorised_seed_mixing_equals_mix_seed():
     assert [int(v) for v in got] == [mix_seed(3, 2, int(i), AUGMENT_SALT) for i in idx]
 
 
-def test_crop_boxes_follow_torchvision_random_resized_crop():
-    n, scale, ratio = 3000, (0.9, 1.0), (3 / 4, 4 / 3)
+def batch_and_torchvision_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float]
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """n crop boxes (top, left, h, w) on a 28 x 28 image from the batch path, and n from torchvision's."""
     ours = fm.random_resized_crop_boxes(fm.mix_seed_array(0, 0, np.arange(n), AUGMENT_SALT), 28, 28, scale, ratio)
     ref = []
     for s in range(n):
         torch.manual_seed(s)
         ref.append(T.RandomResizedCrop.get_params(torch.zeros(1, 28, 28), list(scale), list(ratio)))
-    ref = np.array(ref)
+    return ours, np.array(ref)
+
+
+def test_crop_boxes_follow_torchvision_random_resized_crop():
+    n, scale, ratio = 3000, (0.9, 1.0), (3 / 4, 4 / 3)
+    ours, ref = batch_and_torchvision_boxes(n, scale, ratio)
     assert ours.dtype == np.int64 and ours.shape == (n, 4)
     assert (ours[:, 0] + ours[:, 2] <= 28).all() and (ours[:, 1] + ours[:, 3] <= 28).all() and (ours >= 0).all()
     a, b = Counter(map(tuple, ours[:, 2:])), Counter(map(tuple, ref[:, 2:]))
     tv = sum(abs(a[k] - b[k]) for k in set(a) | set(b)) / 2 / n  # total variation of the (h, w) law
     assert tv < 0.06, tv  # ~0.03 at this n when equal; a wrong scale or ratio range gives > 0.3
     np.testing.assert_allclose(ours.mean(0), ref.mean(0), atol=0.08)  # the offsets too
-    full = lambda boxes: ((boxes[:, 2] == 28) & (boxes[:, 3] == 28)).mean()  # noqa: E731 (fallback + whole image)
+    full = lambda boxes: ((boxes[:, 2] == 28) & (boxes[:, 3] == 28)).mean()
     assert abs(full(ours) - full(ref)) < 0.03
     # the draws differ between seeds (a weak hash of consecutive ints would correlate them)
     u = fm._uniforms(fm.mix_seed_array(0, 0, np.arange(n), AUGMENT_SALT), 8)
     assert np.abs(np.corrcoef(u.T) - np.eye(8)).max() < 0.1
+
+
+def test_batch_path_crop_aspect_is_log_uniform_at_a_wide_scale() -> None:
+    """At scale (0.08, 1) most first tries are accepted, so the box aspect follows the drawn one: log-uniform
+    in torchvision, and the batch path's must match (a plain uniform aspect gives p ~ 1e-6 here)."""
+    ours, ref = batch_and_torchvision_boxes(3000, (0.08, 1.0), (3 / 4, 4 / 3))
+
+    def log_aspect(b: np.ndarray) -> np.ndarray:
+        return np.log(b[:, 3] / b[:, 2])
+
+    assert ks_2samp(log_aspect(ours), log_aspect(ref)).pvalue > 0.01  # 0.15 as it is (fixed seeds)
+    assert ks_2samp(ours[:, 2] * ours[:, 3], ref[:, 2] * ref[:, 3]).pvalue > 0.01
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
