@@ -8,7 +8,6 @@ Data flow:
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +17,7 @@ from .layers import LayerNorm
 from .parallel import ParallelBranch
 from .stems import ConvStem, PatchEmbed
 from .trunk import BeforeBlockHook, Trunk
+
 
 class ImageTower(nn.Module):
     """The image-only parts around the trunk: the embedding in front (stem, class token, positions,
