@@ -19,12 +19,17 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         exit 1
     fi
 fi
+# No cache (it would be a second copy of the wheels); pip's warning about empty find-links folders dropped.
+pip_install() {
+    "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 echo "[setup] installing pinned requirements (torch==2.14.1, torchvision==0.29.1, ...)"
-"$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+pip_install -r requirements.txt
 # CLIP_benchmark (test oracle, loader target): --no-deps so pip never re-resolves torch or pulls transformers.
-"$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check --no-deps clip-benchmark==1.6.2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+pip_install --no-deps clip-benchmark==1.6.2
 # --no-deps: requirements.txt already pinned everything; this keeps pip from re-resolving torch.
-"$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+pip_install --no-deps --no-build-isolation -e .
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, open_clip
 assert torch.__version__.startswith("2.14.1"), f"unexpected torch {torch.__version__}"
