@@ -115,11 +115,7 @@ class ModelCfg:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelCfg":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        data = {**data, "name": path.stem}  # a config file is named by its file
+        data = {**read_json_object(path), "name": path.stem}  # a config file is named by its file
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,3 +291,16 @@ def _expand_layers(spec: LayerSpec, cfg: ModelCfg, where: str = "share.layers") 
             raise ConfigError(f"{where}: layer {bad[0]} is outside 0..{n - 1}")
         return sorted(set(spec))
     raise ConfigError(f"{where}: expected 'all', a list of layer indices or {{'from': k}}, got {spec!r}")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model config file's JSON object; a clear ConfigError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of model config keys, got {type(data).__name__}")
+    return data

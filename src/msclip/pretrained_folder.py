@@ -19,7 +19,7 @@ from torch import nn
 
 from . import io
 from .checkpoint import save_pretrained as save_weights_file
-from .config import ConfigError, ModelCfg
+from .config import ModelCfg, read_json_object
 from .errors import MissingFileError, MsclipError
 from .version import __version__
 
@@ -181,12 +181,7 @@ def load_folder_config(folder: str | os.PathLike) -> ModelCfg:
     """`config.json` of a model folder -> ModelCfg (unknown keys and bad values are errors)."""
     folder = Path(folder)
     path = _need(folder, CONFIG_NAME)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object of model config keys, got {type(data).__name__}")
+    data = read_json_object(path)
     if not data.get("name"):
         data = {**data, "name": folder.resolve().name}
     return ModelCfg.from_dict(data, source=str(path))

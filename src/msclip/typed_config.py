@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -230,14 +231,18 @@ def _scalar(value: Any, tp: Any, parse_strings: bool) -> Any:
                 pass
         raise _Mismatch(f"expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if text is not None:  # PyYAML reads "1e-3" (no dot) as a string: accept it from files too
+            number = float(value)
+        elif text is not None:  # PyYAML reads "1e-3" (no dot) as a string: accept it from files too
             try:
-                return float(text)
+                number = float(text)
             except ValueError:
                 pass
-        raise _Mismatch(f"expected a number, got {value!r}")
+        # NaN passes every range check (NaN <= 0 is False), and no field here means anything by inf.
+        if number is not None and math.isfinite(number):
+            return number
+        raise _Mismatch(f"expected a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
