@@ -268,8 +268,6 @@ def test_a_json_config_that_is_not_an_object_is_a_config_error(tmp_path: Path) -
         ModelCfg.from_json(path)
 
 
-@pytest.mark.xfail(strict=True, reason="save_train_state prunes by step number, so a newer damaged checkpoint "
-                                       "(one that resume skipped) survives and the file just written is deleted")
 def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> None:
     (tmp_path / "step_00000004.pt").write_bytes(b"PK\x03\x04 truncated")  # skipped by the resume fallback
     path = save_train_state(tmp_path / "step_00000003.pt", _state(3, 1.0), keep_last=1)

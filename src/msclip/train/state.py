@@ -118,12 +118,18 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def save_train_state(path: str | Path, state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``state`` atomically to ``path`` then prune all but the newest ``keep_last`` (0 = keep all)."""
+    """Write ``state`` atomically to ``path``, then keep it and the newest ``keep_last - 1`` checkpoints
+    before it (0 = keep all). Checkpoints of later steps are left alone: they exist only when this run
+    resumed from an earlier one (the resume skipped a damaged newest file, or was pointed at an older
+    one), and pruning by step number there would delete the file just written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_save({"format_version": FORMAT_VERSION, **state}, path)
     if keep_last > 0:
-        for _, old in list_checkpoints(path.parent)[:-keep_last]:
+        found = list_checkpoints(path.parent)
+        step = next((s for s, p in found if p.name == path.name), None)
+        older = [p for s, p in found if step is not None and s < step]
+        for old in older[: max(len(older) - (keep_last - 1), 0)]:
             old.unlink(missing_ok=True)
     return path
 
