@@ -274,11 +274,30 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> No
     assert load_train_state(path)["step"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="load_official_yaml / _check_keys raise at the first unknown key; only "
-                                       "CUSTOM keys are all reported at once")
 def test_every_unknown_official_key_is_reported_at_once(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text("MODEL:\n  NAME: clip_openai\n  SPEC:\n    VISION:\n      WIDTHH: 1\n      LAYERZ: 2\nBOGUS: 1\n")
     with pytest.raises(ConfigError) as info:
         load_official_yaml(path)
     assert all(key in str(info.value) for key in ("WIDTHH", "LAYERZ", "BOGUS"))
+
+
+def test_unknown_custom_and_section_keys_are_reported_together(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("MODEL:\n  NAME: clip_openai\n  SPEC:\n    TEXT:\n      WIDHT: 1\nCUSTOM:\n  EARLY_CONVV: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_official_yaml(path)
+    assert "MODEL.SPEC.TEXT.WIDHT" in str(info.value) and "CUSTOM.EARLY_CONVV" in str(info.value)
+
+
+def test_a_single_base_file_may_be_given_as_a_string(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("MODEL:\n  NAME: clip_openai\n  SPEC:\n    EMBED_DIM: 24\n")
+    (tmp_path / "m.yaml").write_text("BASE: base.yaml\n")
+    assert load_official_yaml(tmp_path / "m.yaml").model_cfg.embed_dim == 24
+
+
+def test_a_non_numeric_drop_path_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("MODEL:\n  NAME: clip_openai\n  SPEC:\n    VISION:\n      DROP_PATH: lots\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml: MODEL\.SPEC\.VISION\.DROP_PATH='lots'"):
+        load_official_yaml(path)

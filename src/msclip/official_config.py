@@ -111,40 +111,54 @@ def read_merged_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: BASE files include each other")
     data = read_yaml_mapping(path, "model yaml", ConfigError)
     merged: dict = {}
-    for base in data.get("BASE") or []:
+    bases = data.get("BASE") or []
+    bases = [bases] if isinstance(bases, str) else bases  # `BASE: b32.yaml` means one file, not its letters
+    if not isinstance(bases, list):
+        raise ConfigError(f"{path}: BASE must be a list of yaml files, got {bases!r}")
+    for base in bases:
         if base:
             merged = _merge(merged, read_merged_yaml(path.parent / base, _seen + (path.resolve(),)))
     return _merge(merged, {k: v for k, v in data.items() if k != "BASE"})
 
 
-def _check_keys(section: dict, allowed: set[str], where: str, source: str) -> None:
+def _unknown_keys(section: Any, allowed: set[str], where: str) -> list[str]:
+    """Problems with one section of an official yaml: not a mapping, or keys the official code lacks."""
     if not isinstance(section, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping")
-    for key in section:
-        if key not in allowed:
-            raise ConfigError(f"{source}: unknown key {where}.{key} (known: {', '.join(sorted(allowed))})")
+        return [f"{where} must be a mapping"]
+    return [f"unknown key {where}.{key} (known: {', '.join(sorted(allowed))})" for key in section if key not in allowed]
+
+
+def _check_sections(raw: dict, source: str) -> None:
+    """Every unknown key of every section (CUSTOM included) in one error, as for msclip's own configs."""
+    problems = [f"unknown top-level key {key!r}" for key in raw if key not in _TOP]
+    for key, value in raw.items():
+        if _TOP.get(key) is not None:
+            problems += _unknown_keys(value, _TOP[key], key)
+    model = raw.get("MODEL") or {}
+    problems += _unknown_keys(model, _MODEL_KEYS, "MODEL")
+    spec = (model.get("SPEC") or {}) if isinstance(model, dict) else {}
+    problems += _unknown_keys(spec, _SPEC_KEYS, "MODEL.SPEC")
+    if isinstance(spec, dict):
+        problems += _unknown_keys(spec.get("VISION") or {}, _VISION_KEYS, "MODEL.SPEC.VISION")
+        problems += _unknown_keys(spec.get("TEXT") or {}, _TEXT_KEYS, "MODEL.SPEC.TEXT")
+    given = raw.get("CUSTOM") or {}
+    problems += _custom_problems(given) if isinstance(given, dict) else ["CUSTOM must be a mapping"]
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
 
 
 def load_official_yaml(path: str | Path) -> OfficialConfig:
     source = str(path)
     raw = read_merged_yaml(path)
-    for key, value in raw.items():
-        if key not in _TOP:
-            raise ConfigError(f"{source}: unknown top-level key {key!r}")
-        if _TOP[key] is not None:
-            _check_keys(value, _TOP[key], key, source)
+    _check_sections(raw, source)
     model = raw.get("MODEL") or {}
-    _check_keys(model, _MODEL_KEYS, "MODEL", source)
     name = model.get("NAME", "")
     if name not in _MODEL_NAMES:
         raise ConfigError(f"{source}: MODEL.NAME {name!r} is not an MS-CLIP model (expected one of {sorted(_MODEL_NAMES)})")
     spec = model.get("SPEC") or {}
-    _check_keys(spec, _SPEC_KEYS, "MODEL.SPEC", source)
     vision, text = spec.get("VISION") or {}, spec.get("TEXT") or {}
-    _check_keys(vision, _VISION_KEYS, "MODEL.SPEC.VISION", source)
-    _check_keys(text, _TEXT_KEYS, "MODEL.SPEC.TEXT", source)
     _require(vision.get("MODEL", "vit") == "vit", source, "MODEL.SPEC.VISION.MODEL", vision.get("MODEL"), "'vit'")
-    _require(float(vision.get("DROP_PATH", 0.0)) == 0.0, source, "MODEL.SPEC.VISION.DROP_PATH",
+    _require(vision.get("DROP_PATH", 0.0) in (0, 0.0), source, "MODEL.SPEC.VISION.DROP_PATH",
              vision.get("DROP_PATH"), "0.0")
     _require(spec.get("POOL_TYPE", "default") == "default", source, "MODEL.SPEC.POOL_TYPE", spec.get("POOL_TYPE"), "'default'")
     _require(not spec.get("SKIP_CLS", False), source, "MODEL.SPEC.SKIP_CLS", spec.get("SKIP_CLS"), "False")
@@ -152,9 +166,6 @@ def load_official_yaml(path: str | Path) -> OfficialConfig:
         _require(text.get(key, want) == want, source, f"MODEL.SPEC.TEXT.{key}", text.get(key), repr(want))
 
     given = raw.get("CUSTOM") or {}
-    if not isinstance(given, dict):
-        raise ConfigError(f"{source}: CUSTOM must be a mapping")
-    _check_custom(given, source)
     custom = {**_CUSTOM_DEFAULTS, **{k: v for k, v in given.items() if k in _CUSTOM_DEFAULTS}}
     train_size = (raw.get("TRAIN") or {}).get("IMAGE_SIZE", [224, 224])
     input_cfg = raw.get("INPUT") or {}
@@ -186,8 +197,8 @@ def load_official_yaml(path: str | Path) -> OfficialConfig:
                           wd_share=_number(given, "WD_SHARE", source, zero_is_unset=False), source=source)
 
 
-def _check_custom(given: dict, source: str) -> None:
-    """Every CUSTOM key is implemented, or official and off; all offenders in one error."""
+def _custom_problems(given: dict) -> list[str]:
+    """Every CUSTOM key is implemented, or official and off; the offenders."""
     problems = []
     for key, value in given.items():
         if key in _CUSTOM_DEFAULTS:
@@ -201,8 +212,7 @@ def _check_custom(given: dict, source: str) -> None:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         problems.append(f"CUSTOM.{key} is unknown: the official code has no such switch{hint}")
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return problems
 
 
 def _number(given: dict, key: str, source: str, zero_is_unset: bool) -> float | None:
