@@ -84,7 +84,7 @@ class TrainRecipe:
 @dataclass
 class CheckpointRecipe:
     every: int = 1000  # steps; 0 = only at the end
-    keep_last: int = 3  # train-state checkpoints kept (>= 1), older ones are deleted
+    keep_last: int = 3  # train-state checkpoints kept (>= 1): the newest up to the one just written
     export: bool = True  # also write final weights loadable by msclip.create_model(pretrained=...)
 
 
