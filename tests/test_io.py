@@ -72,6 +72,87 @@ def test_a_full_disk_is_named_with_the_path(tmp_path: Path) -> None:
     assert list(target.parent.iterdir()) == []
 
 
+def test_torch_save_on_a_full_disk_says_the_disk_is_full(tmp_path: Path, monkeypatch) -> None:
+    """torch's C++ writer drops the errno of a failed write; torch_save must still report ENOSPC as a full disk."""
+    real_open = open
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f, self.left = f, 5000
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(mio, "open", lambda *a, **k: FillsUp(real_open(*a, **k)), raising=False)
+    target = tmp_path / "step_10.pt"
+    with pytest.raises(mio.WriteError, match=r"step_10\.pt: the disk is full"):
+        mio.torch_save({"w": torch.zeros(100_000)}, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+_FILE_SIZE_LIMIT_CHILD = r"""
+import json, resource, signal, sys
+from pathlib import Path
+import torch
+from msclip import io as mio
+from msclip.eval.embed import write_embeddings
+from msclip.checkpoint import save_pretrained
+from msclip.factory import create_model
+
+root = Path(sys.argv[1])
+model = create_model("clip-b32-tiny")
+writers = {
+    "state.pt": lambda p: mio.torch_save({"w": torch.zeros(200_000)}, p),
+    "model.safetensors": lambda p: save_pretrained(model, p),
+    "emb.safetensors": lambda p: write_embeddings(torch.zeros(200, 512), str(p), {}),
+    "emb.npy": lambda p: write_embeddings(torch.zeros(200, 512), str(p), {}),
+    "result.json": lambda p: mio.write_json(p, {"x": [0.5] * 50_000}),
+}
+for name in writers:
+    (root / name).write_text("old")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+errors = {}
+for name, write in writers.items():
+    try:
+        write(root / name)
+        errors[name] = "no error"
+    except mio.WriteError as err:
+        errors[name] = str(err)
+print(json.dumps(errors))
+"""
+
+
+def test_a_real_failed_write_is_a_write_error_naming_the_file_and_the_os_error(tmp_path: Path) -> None:
+    """A real OS write failure (file size limit) in every writer: WriteError with the file and the errno's text,
+    the old file untouched, no temporary file left; never torch's "unexpected pos" or a raw SafetensorError."""
+    import json
+    import sys
+
+    from proc_utils import run_logged
+
+    out = run_logged([sys.executable, "-c", _FILE_SIZE_LIMIT_CHILD, str(tmp_path)], timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, message in errors.items():
+        assert f"cannot write {tmp_path / name}:" in message, (name, message)
+        assert "File too large" in message, (name, message)
+        assert (tmp_path / name).read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(errors)
+
+
 def test_file_and_folder_are_fsynced_before_and_after_the_rename(tmp_path: Path, monkeypatch) -> None:
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace

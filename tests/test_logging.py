@@ -141,3 +141,37 @@ def test_ddp_logs_the_global_loss(tmp_path: Path) -> None:
     two = [r["loss"] for r in read_metrics(tmp_path / "two", "train")]
     assert len(single) == len(two) == 2
     assert two == pytest.approx(single, abs=1e-5)
+
+
+def test_a_full_disk_under_the_run_logs_is_a_write_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    """A metrics write that fails (ENOSPC) stops with a WriteError naming the file and the full disk, for the
+    JSONL, the per-kind CSV and TensorBoard alike, instead of a raw OSError traceback."""
+    import errno
+
+    from msclip import io as mio
+    from msclip.train import logger as run_logger
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    lg = run_logger.RunLogger(tmp_path, tensorboard=False)
+    lg.log("train", 1, {"loss": 1.0})
+    monkeypatch.setattr(lg.jsonl, "write", no_space)
+    with pytest.raises(mio.WriteError, match=r"metrics\.jsonl: the disk is full"):
+        lg.log("train", 2, {"loss": 1.0})
+    monkeypatch.undo()
+
+    monkeypatch.setattr(run_logger, "open", no_space, raising=False)  # the CSV's appends
+    with pytest.raises(mio.WriteError, match=r"metrics-train\.csv: the disk is full"):
+        lg.log("train", 3, {"loss": 1.0})
+    monkeypatch.undo()
+
+    class FailingBoard:
+        def add_scalar(self, *args):
+            no_space()
+
+    lg.tb = FailingBoard()
+    with pytest.raises(mio.WriteError, match=r"tensorboard: the disk is full"):
+        lg.log("train", 4, {"loss": 1.0})
+    lg.tb = None
+    lg.close()

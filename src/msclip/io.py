@@ -7,12 +7,13 @@ failure the temporary file is removed. The result gets the permissions an ordina
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import MsclipError
 
@@ -47,10 +48,28 @@ def _describe(err: BaseException, path: Path) -> str:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in text:
         return f"cannot write {path}: the disk is full (no space left on {path.parent})"
-    # torch.save reports a full disk as a bare C++ stream error with no path
-    if "iostream error" in text or "PytorchStreamWriter" in text:
+    # a C++ writer given a bare file name reports a full disk as a stream error with no errno
+    if "iostream error" in text or "PytorchStreamWriter" in text or "unexpected pos" in text:
         return f"cannot write {path}: {text} (is the disk full? free space on {path.parent})"
     return f"cannot write {path}: {text}"
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """An error of the writer itself (not a user error, not Ctrl-C): OS, C++ stream, or safetensors' own."""
+    if isinstance(err, MsclipError):
+        return False
+    return isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
+
+
+@contextlib.contextmanager
+def reporting_writes(path: str | os.PathLike) -> Iterator[None]:
+    """For the few writers that append in place (run logs): a failed write becomes a WriteError naming `path`."""
+    try:
+        yield
+    except BaseException as err:
+        if _is_write_failure(err):
+            raise WriteError(_describe(err, Path(path))) from err
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -71,7 +90,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, MsclipError):
+        if _is_write_failure(err):
             raise WriteError(_describe(err, path)) from err
         raise
     return path
@@ -92,19 +111,48 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pat
     return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def _through_file(tmp: str, dump: Callable[[Any], None]) -> None:
+    """`dump(file)` into `tmp` through a file object that keeps the first OSError of a write. torch's C++ writer
+    turns a full disk into "unexpected pos N vs M" and numpy's into "N requested and M written", both without
+    the errno; the kept OSError (ENOSPC, EFBIG, ...) is raised instead."""
+    with open(tmp, "wb") as f:
+        out = _ErrnoKeepingFile(f)
+        try:
+            dump(out)
+        except Exception as err:
+            if out.error is not None and err is not out.error:
+                raise out.error from None
+            raise
+
+
+class _ErrnoKeepingFile:
+    """The `write` / `flush` that torch's and numpy's writers need, remembering the first OSError raised."""
+
+    def __init__(self, file: Any):
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: _through_file(tmp, lambda f: torch.save(obj, f)))
 
 
 def numpy_save(path: str | os.PathLike, array: Any) -> Path:
     import numpy as np
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
-            np.save(f, array)
-    return atomic_write(path, write)
+    # a file object, not the name: np.save would append ".npy" to a bare name
+    return atomic_write(path, lambda tmp: _through_file(tmp, lambda f: np.save(f, array)))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

@@ -100,27 +100,38 @@ class RunLogger:
         if dropped:
             log.info("metrics: dropped %d record(s) after step %d, written by the earlier run past its last "
                      "checkpoint", dropped, start_step)
-        self.jsonl = open(self.run_dir / METRICS_JSONL, "a", buffering=1)
+        # Every write below goes through mio.reporting_writes: a full disk stops the run with one error line
+        # naming the file, not a traceback (from TensorBoard's writer thread, too).
+        with mio.reporting_writes(self.run_dir / METRICS_JSONL):
+            self.jsonl = open(self.run_dir / METRICS_JSONL, "a", buffering=1)
         self.csv_cols: dict[str, list[str]] = {}
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                # purge_step: TensorBoard hides the interrupted run's events past the resumed step
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step or None)
             except ImportError:
                 log.warning("tensorboard is not installed; logging to JSONL/CSV only")
+            else:
+                with mio.reporting_writes(self._tb_dir):
+                    # purge_step: TensorBoard hides the interrupted run's events past the resumed step
+                    self.tb = SummaryWriter(str(self._tb_dir), purge_step=start_step or None)
+
+    @property
+    def _tb_dir(self) -> Path:
+        return self.run_dir / "tensorboard"
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self._write_csv(kind, record)
+        with mio.reporting_writes(self.run_dir / METRICS_JSONL):
+            self.jsonl.write(json.dumps(record) + "\n")
+        with mio.reporting_writes(csv_path(self.run_dir, kind)):
+            self._write_csv(kind, record)
         if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+            with mio.reporting_writes(self._tb_dir):
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                        self.tb.add_scalar(f"{kind}/{key}", value, step)
 
     def _write_csv(self, kind: str, record: dict[str, Any]) -> None:
         path = csv_path(self.run_dir, kind)
@@ -138,9 +149,11 @@ class RunLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.jsonl.close()
+        with mio.reporting_writes(self.run_dir / METRICS_JSONL):
+            self.jsonl.close()
         if self.tb is not None:
-            self.tb.close()
+            with mio.reporting_writes(self._tb_dir):
+                self.tb.close()
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
