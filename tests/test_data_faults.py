@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import tarfile
 from pathlib import Path
 
@@ -211,3 +212,19 @@ def test_resampled_shards_without_a_usable_sample_stop_with_an_error(tmp_path: P
     info.set_epoch(0)
     with pytest.raises(RuntimeError, match="resampled shards gave no sample|no usable sample"):
         next(iter(info.loader))
+
+
+def test_an_empty_shard_is_not_a_read_error(tmp_path: Path, caplog) -> None:
+    """A well-formed tar with no members (img2dataset writes one when every download of a shard failed) holds
+    no samples: it is counted as 0 without a warning and read without a read_errors count."""
+    write_tar(tmp_path / "shard-0.tar", [m for i in range(4) for m in [(f"{i:03d}.png", shape_png(i)),
+                                                                        (f"{i:03d}.txt", f"i{i}".encode())]])
+    write_tar(tmp_path / "shard-1.tar", [])
+    with caplog.at_level(logging.WARNING):
+        assert count_samples([str(tmp_path / "shard-0.tar"), str(tmp_path / "shard-1.tar")]) == 4
+    assert "shard-1.tar" not in caplog.text
+    spec = DataSpec("webdataset", path=f"{tmp_path}/shard-{{0..1}}.tar", num_samples=4, shuffle_buffer=1)
+    info = build_train_data(spec, image_transform=AUGMENT, tokenizer=tokenize, batch_size=1, workers=0)
+    info.set_epoch(0)
+    assert sorted(c for _, tokens in info.loader for c in decode(tokens)) == ["i0", "i1", "i2", "i3"]
+    assert info.stats.as_dict()["read_errors"] == 0 and info.stats.bad_shards == []

@@ -61,7 +61,8 @@ def iter_members(stream: IO[bytes], url: str, read_data: bool = True) -> Iterato
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedInfo)
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ShardReadError(f"{url}: not a readable tar file ({err})") from None
-    tar.end_reason = "unknown"  # type: ignore[attr-defined]
+    if not hasattr(tar, "end_reason"):  # opening read the first header: an empty shard's end marker stays None
+        tar.end_reason = "unknown"  # type: ignore[attr-defined]
     pending = None  # without read_data, a member counts once the header after its data was read
     with tar:
         try:
