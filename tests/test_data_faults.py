@@ -228,3 +228,15 @@ def test_an_empty_shard_is_not_a_read_error(tmp_path: Path, caplog) -> None:
     info.set_epoch(0)
     assert sorted(c for _, tokens in info.loader for c in decode(tokens)) == ["i0", "i1", "i2", "i3"]
     assert info.stats.as_dict()["read_errors"] == 0 and info.stats.bad_shards == []
+
+
+def test_an_undecodable_image_says_why_without_the_buffer_address() -> None:
+    """The skip reason of a file that is not an image names the decoder's error, not PIL's in-memory buffer
+    address (which changes every run and says nothing): both the fast decode and a plain transform."""
+    from msclip.data.common import transform_image_file
+    from msclip.transforms import TrainTransform, UndecodableImage
+
+    for transform in (TrainTransform(16, (0.3, 1.0)), AUGMENT):
+        with pytest.raises(UndecodableImage) as info:
+            transform_image_file(transform, b"not an image at all", seed=0)
+        assert str(info.value) == "UnidentifiedImageError: cannot identify image file"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import IO, Sequence, Union
@@ -43,6 +44,12 @@ Box = tuple[int, int, int, int]  # (top, left, height, width) in the full image'
 
 class UndecodableImage(Exception):
     """The encoded image could not be opened or decoded; the message says why (data sources skip it)."""
+
+    @classmethod
+    def from_error(cls, exn: BaseException) -> "UndecodableImage":
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x7f..>"): noise; the caller names the sample
+        text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exn))
+        return cls(f"{type(exn).__name__}: {text}")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -128,7 +135,7 @@ class TrainTransform:
                     scale = width / drafted[1][2]  # draft's box: the full image in reduced pixels
             img.load()
         except Exception as exn:  # noqa: BLE001 - any failure to read the file is the file's fault
-            raise UndecodableImage(f"{type(exn).__name__}: {exn}") from None
+            raise UndecodableImage.from_error(exn) from None
         return img, box, scale
 
     def from_encoded(self, source: Encoded) -> torch.Tensor:
@@ -158,7 +165,7 @@ class TrainTransform:
                     return self.crop_resize(img, self.crop_box(img))
                 box = self.crop_box(img)
         except Exception as exn:  # noqa: BLE001
-            raise UndecodableImage(f"{type(exn).__name__}: {exn}") from None
+            raise UndecodableImage.from_error(exn) from None
         return EncodedCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box)
 
     def crop_box_on_cpu(self, item: EncodedCrop) -> torch.Tensor:
@@ -167,7 +174,7 @@ class TrainTransform:
             try:
                 img.load()
             except Exception as exn:  # noqa: BLE001
-                raise UndecodableImage(f"{type(exn).__name__}: {exn}") from None
+                raise UndecodableImage.from_error(exn) from None
             return self.crop_resize(img, item.box)
 
 

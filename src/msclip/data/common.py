@@ -276,5 +276,5 @@ def transform_image_file(transform: Transform, source: bytes | str | os.PathLike
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             image = img.convert("RGB")  # forces a full decode
     except Exception as exn:  # noqa: BLE001 - any decoder failure is a skip
-        raise UndecodableImage(f"{type(exn).__name__}: {exn}") from None
+        raise UndecodableImage.from_error(exn) from None
     return call_seeded(transform, image, seed)
