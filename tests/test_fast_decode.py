@@ -217,3 +217,31 @@ def test_device_decode_on_cuda_matches_the_cpu_decode(jpegs) -> None:
     bad = jpegs[0][: len(jpegs[0]) // 2]
     (images, _, counts), = list(DeviceDecoder([(PlannedBatch(planned(tf, jpegs + [bad])), None, counts)], tf))
     assert images.is_cuda and images.shape == (4, 3, SIZE, SIZE) and counts[0] == 1
+
+
+def test_16_bit_grey_images_keep_their_brightness_in_every_reader(tmp_path: Path) -> None:
+    """A 16-bit grey PNG is scaled to 8 bits (v / 257), not clipped white as PIL's convert("RGB") does: in the
+    training decode, the plain-transform path, the eval image loader and the conversion helper."""
+    import numpy as np
+
+    from msclip.data.common import transform_image_file
+    from msclip.eval.imagefolder import load_rgb
+    from msclip.transforms import to_rgb
+
+    wide = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).astype(np.uint16)  # 0 .. 61380
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, "PNG")
+    (tmp_path / "grey16.png").write_bytes(buf.getvalue())
+    with Image.open(tmp_path / "grey16.png") as img:
+        assert img.mode.startswith("I")  # what PIL opens a 16-bit grey PNG as
+        rgb = np.asarray(to_rgb(img))
+    expected = np.round(wide / 257.0)
+    assert rgb.shape == (32, 32, 3) and np.abs(rgb[..., 0] - expected).max() <= 0.5
+    assert np.array_equal(np.asarray(load_rgb(str(tmp_path / "grey16.png"))), rgb)
+    full = TrainTransform(32, (1.0, 1.0))
+    full.ratio = (1.0, 1.0)  # the whole image: its mean is the source's
+    out = full.from_encoded(buf.getvalue()).float()
+    assert abs(out.mean().item() - expected.mean()) < 1.0  # clipped, it would be ~255
+    plain = transform_image_file(T.ToTensor(), buf.getvalue(), seed=0)
+    assert abs(plain.mean().item() * 255 - expected.mean()) < 0.5
+    assert to_rgb(Image.fromarray(np.full((4, 4), 200, np.int32), "I")).getpixel((0, 0)) == (200, 200, 200)

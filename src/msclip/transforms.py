@@ -52,8 +52,31 @@ class UndecodableImage(Exception):
         return cls(f"{type(exn).__name__}: {text}")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB") if image.mode != "RGB" else image
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG / TIFF grey, 32-bit integer grey
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer) grey scaled to 8-bit grey ("L"); any other image unchanged. PIL's own
+    convert clips these at 255, which turns a 16-bit photo white. Integer images that hold only 0..255
+    are taken as 8-bit already."""
+    if image.mode not in _WIDE_GREY_MODES:
+        return image
+    pixels = np.asarray(image).astype(np.float32)
+    if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        pixels = pixels / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as RGB, decoded (its file may close next): grey replicated, palette / alpha / CMYK
+    converted, 16-bit grey scaled first."""
+    if image.mode == "RGB":
+        image.load()
+        return image
+    return to_8bit(image).convert("RGB")
+
+
+_to_rgb = to_rgb  # the eval transforms' last step before ToTensor
 
 
 def image_transform(cfg: PreprocessCfg, image_size: int, is_train: bool) -> T.Compose | TrainTransform:
@@ -146,6 +169,7 @@ class TrainTransform:
 
     def crop_resize(self, img: Image.Image, box: Box, scale: float = 1.0) -> torch.Tensor:
         top, left, h, w = box
+        img = to_8bit(img)
         if img.mode not in ("RGB", "L"):  # palette, alpha, CMYK: resample in RGB (resize of "P" is nearest)
             img = img.convert("RGB")
         region = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)

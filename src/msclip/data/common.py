@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from msclip.errors import MsclipError
-from msclip.transforms import UndecodableImage
+from msclip.transforms import UndecodableImage, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def transform_image_file(transform: Transform, source: bytes | str | os.PathLike
         return call_seeded(fn, source, seed)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            image = img.convert("RGB")  # forces a full decode
+            image = to_rgb(img)  # forces a full decode
     except Exception as exn:  # noqa: BLE001 - any decoder failure is a skip
         raise UndecodableImage.from_error(exn) from None
     return call_seeded(transform, image, seed)

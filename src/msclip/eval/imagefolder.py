@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from msclip.data.formats import IMAGE_EXTENSIONS, is_image_file, read_list_file
 from msclip.errors import MsclipError
+from msclip.transforms import to_rgb
 
 from .features import SafeDataset
 
@@ -151,7 +152,7 @@ def load_rgb(path: str) -> Image.Image:
     """PIL RGB image, loaded as the official (torchvision pil_loader + truncated images) does."""
     with open(path, "rb") as f, _truncated_images_allowed():
         img = Image.open(f)
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 class ImagePaths(Dataset):

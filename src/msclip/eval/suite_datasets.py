@@ -27,6 +27,7 @@ from PIL import Image
 
 from msclip.data.formats import WDS_IMAGE_KEYS, is_image_file
 from msclip.data.formats import read_idx as read_idx_file
+from msclip.transforms import to_rgb
 
 # members read as text (the label and the caption members); every other member is kept as a TarMember
 WDS_TEXT_FIELDS = ("cls", "txt", "json", "text", "caption")
@@ -54,7 +55,7 @@ def open_image(source: Any) -> Image.Image:
         img = Image.fromarray(source)
     else:
         img = Image.open(source)
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 class Samples(torch.utils.data.Dataset):

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from msclip.transforms import to_rgb
+
 THUMB = 128
 
 
@@ -39,7 +41,7 @@ def thumbnail_uri(open_image: Callable[[], Image.Image] | None, size: int = THUM
     if open_image is None:
         return None
     try:
-        img = open_image().convert("RGB")
+        img = to_rgb(open_image())
     except Exception:  # noqa: BLE001 - a file gone since indexing shows as a placeholder, not a crash
         return None
     img.thumbnail((size, size), Image.Resampling.BICUBIC)
