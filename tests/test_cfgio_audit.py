@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -241,6 +242,26 @@ def test_overwrite_removes_the_earlier_metrics(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("the user's")
     clear_previous_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_of_a_killed_runs_folder_with_a_cut_metrics_line(tmp_path: Path, caplog) -> None:
+    """A kill -9 can cut metrics.jsonl inside a record: --overwrite still clears the folder (every metrics CSV,
+    whatever kinds the JSONL still names, and the TensorBoard events) instead of failing on the cut line."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1}) + '\n{"kind": "zerosh')
+    (tmp_path / "metrics-train.csv").write_text("step\n1\n")
+    (tmp_path / "metrics-zeroshot.csv").write_text("step\n1\n")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        clear_previous_run(tmp_path)
+    assert list(tmp_path.iterdir()) == [] and "overwrite: removed" in caplog.text
+
+
+def test_overwrite_of_an_empty_folder_says_nothing(tmp_path: Path, caplog) -> None:
+    """--overwrite on a folder with nothing of an earlier run removes nothing and does not claim it did."""
+    with caplog.at_level(logging.WARNING):
+        clear_previous_run(tmp_path)
+    assert "overwrite" not in caplog.text
 
 
 def test_an_explicit_damaged_checkpoint_is_not_replaced_by_an_older_one(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from types import TracebackType
 from msclip.errors import MsclipError
 from msclip.io import remove_stale_temporaries
 from msclip.train import distributed as D
-from msclip.train.logger import METRICS_JSONL, csv_path
+from msclip.train.logger import metrics_files
 from msclip.train.recipe import Recipe, save_recipe
 from msclip.train.state import checkpoint_dir, list_checkpoints
 
@@ -145,16 +144,15 @@ def reuse_problem(recipe: Recipe, run_dir: Path) -> str:
 
 
 def clear_previous_run(run_dir: Path) -> None:
-    """Remove what an earlier run wrote here (checkpoints, export, metrics), so nothing of it mixes in."""
-    metrics = run_dir / METRICS_JSONL
-    kinds = set()
-    if metrics.is_file():
-        for line in metrics.read_text(errors="replace").splitlines():
-            kinds.add(str(json.loads(line).get("kind", "")) if line.startswith("{") else "")
+    """Remove what an earlier run wrote here (checkpoints, export, metrics, TensorBoard events), so nothing of
+    it mixes in; says so only when there was something to remove."""
     doomed = [p for _, p in list_checkpoints(checkpoint_dir(run_dir))]
-    doomed += [run_dir / EXPORT_NAME, metrics] + [csv_path(run_dir, k) for k in kinds if k]
+    doomed += [p for p in (run_dir / EXPORT_NAME, *metrics_files(run_dir)) if p.is_file()]
     for path in doomed:
         path.unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    events = run_dir / "tensorboard"
+    if events.is_dir():
+        shutil.rmtree(events, ignore_errors=True)
+        doomed.append(events)
     if doomed:
         log.warning("overwrite: removed the earlier run's checkpoints, weights and metrics in %s", run_dir)
