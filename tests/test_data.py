@@ -241,3 +241,26 @@ def test_with_core_tokenizer_transform_and_loss() -> None:
     out = model.train()(images, tokens)
     loss = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
     assert torch.isfinite(loss)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name_caption_or_column(tmp_path: Path) -> None:
+    """Text files saved by Windows editors start with a UTF-8 BOM: it must not stick to the first class name,
+    template, CSV column or caption, nor break a JSON model config."""
+    import json
+
+    from msclip.config import ModelCfg
+    from msclip.data.formats import read_list_file, wds_captions
+    from msclip.data.mapstyle import CsvCaptions
+    from msclip.factory import create_model
+
+    bom = "\ufeff"
+    (tmp_path / "classes.txt").write_text(bom + "airplane\ncar\n", encoding="utf-8")
+    assert read_list_file(tmp_path / "classes.txt", "class-name file") == ["airplane", "car"]
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "train.csv").write_text(bom + "filepath,title\na.png,a photo\n", encoding="utf-8")
+    assert CsvCaptions(str(tmp_path / "train.csv"), transform=lambda x: x).captions == ["a photo"]
+    assert wds_captions({"txt": (bom + "a cat").encode()}).texts == ["a cat"]
+    assert wds_captions({"json": (bom + json.dumps({"caption": "a dog"})).encode()}).texts == ["a dog"]
+    cfg = create_model("clip-b32-tiny").cfg.to_dict()
+    (tmp_path / "model.json").write_text(bom + json.dumps(cfg), encoding="utf-8")
+    assert {**ModelCfg.from_json(tmp_path / "model.json").to_dict(), "name": cfg["name"]} == cfg

@@ -296,7 +296,7 @@ def _expand_layers(spec: LayerSpec, cfg: ModelCfg, where: str = "share.layers") 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A model config file's JSON object; a clear ConfigError naming the file otherwise."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -33,7 +33,7 @@ def _items(args: argparse.Namespace) -> list[str]:
         return scan_images(args.images)
     if not Path(args.texts).is_file():
         raise UsageError(f"--texts {args.texts!r} does not exist")
-    items = Path(args.texts).read_text(encoding="utf-8").splitlines()
+    items = Path(args.texts).read_text(encoding="utf-8-sig").splitlines()
     if not items:
         raise UsageError(f"--texts {args.texts!r} has no lines")
     return items

@@ -42,7 +42,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
     if args.queries is not None:
         if not Path(args.queries).is_file():
             raise UsageError(f"--queries {args.queries!r} does not exist")
-        texts += [ln.strip() for ln in Path(args.queries).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts += [ln.strip() for ln in Path(args.queries).read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
     return texts
 
 

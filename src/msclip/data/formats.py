@@ -64,7 +64,7 @@ def _decode(raw: bytes | str) -> str | None:
     if isinstance(raw, str):
         return raw
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a leading BOM (Windows editors) is not part of the caption
     except UnicodeDecodeError:
         return None
 
@@ -109,7 +109,7 @@ def read_list_file(path: str | os.PathLike, what: str, error: type[MsclipError] 
     if not path.is_file():
         raise error(f"{what} {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM would stick to the first name
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"{what} {str(path)!r} cannot be read as UTF-8 text ({err})") from None
     if path.suffix.lower() != ".json":

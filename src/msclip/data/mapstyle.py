@@ -58,7 +58,7 @@ class CsvCaptions(Dataset):
         sep = separator or ("\t" if file.suffix.lower() == ".tsv" else ",")
         # surrogateescape: a non-UTF-8 caption is counted per row (bad_encoding) instead of failing the file,
         # and a non-UTF-8 path still names its file (the os module uses the same escape)
-        with open(file, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with open(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f, delimiter=sep)
             header = reader.fieldnames or []
             for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):

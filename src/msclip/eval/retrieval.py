@@ -40,7 +40,7 @@ class RetrievalSet:
 # ------------------------------------------------------------------------- readers
 def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split: str = "test") -> RetrievalSet:
     """Karpathy-split JSON (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     if "images" not in data:
         raise AnnotationError(f"{path}: not a Karpathy-split file (no 'images' list)")
     images, captions, owner = [], [], []

@@ -133,7 +133,7 @@ def find_shards(path: str | os.PathLike) -> list[str]:
 
 
 def _read_lines(path: Path) -> list[str] | None:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() \
+    return [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()] if path.is_file() \
         else None
 
 
@@ -193,7 +193,7 @@ def read_csv(root: Path, split: str, classnames: list[str] | None, multilabel: b
         return None
     names = {c: i for i, c in enumerate(classnames)} if classnames else None
     sources, labels = [], []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"filepath", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: needs a header with columns filepath,label (found {reader.fieldnames})")
@@ -211,7 +211,7 @@ def read_jsonl(root: Path, split: str) -> Samples | None:
     if not path.is_file():
         return None
     sources, labels = [], []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if line.strip():
             rec = json.loads(line)
             if "img" not in rec or "label" not in rec:
