@@ -161,6 +161,36 @@ def test_folder_scan_bad_images_and_truncation(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    """.ipynb_checkpoints / .git folders are no class (one would shift every class index after it) and
+    .DS_Store / ._* AppleDouble files no image, at the top and below; the order is torchvision's otherwise."""
+    from msclip.eval.imagefolder import scan_images
+
+    written = make_photo_folder(tmp_path / "data")
+    before = scan_image_folder(tmp_path / "data")
+    photo = written["images"][0].read_bytes()
+    (tmp_path / "data" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "data" / ".ipynb_checkpoints" / "a.jpg").write_bytes(photo)
+    for cls in before.classes:
+        (tmp_path / "data" / cls / "._a.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+        (tmp_path / "data" / cls / ".cache").mkdir()
+        (tmp_path / "data" / cls / ".cache" / "b.jpg").write_bytes(photo)
+    after = scan_image_folder(tmp_path / "data")
+    assert after.classes == before.classes and after.samples == before.samples
+    assert scan_images(tmp_path / "data") == sorted(p for p, _ in before.samples)
+
+
+def test_a_skip_reason_has_no_file_object_repr(tmp_path):
+    """PIL's "<_io.BufferedReader name=...>" / "<_io.BytesIO object at 0x..>" is dropped from skip reasons."""
+    from msclip.transforms import decode_error_text
+
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 garbage")
+    with pytest.raises(Exception) as info, open(tmp_path / "bad.jpg", "rb") as f:
+        Image.open(f)
+    assert "BufferedReader" in str(info.value)
+    assert decode_error_text(info.value) == "UnidentifiedImageError: cannot identify image file"
+
+
 def test_cli_report_on_photos(tmp_path, capsys):
     make_photo_folder(tmp_path / "data")
     out = tmp_path / "res" / "result.json"

@@ -47,9 +47,14 @@ class UndecodableImage(Exception):
 
     @classmethod
     def from_error(cls, exn: BaseException) -> "UndecodableImage":
-        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x7f..>"): noise; the caller names the sample
-        text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exn))
-        return cls(f"{type(exn).__name__}: {text}")
+        return cls(decode_error_text(exn))
+
+
+def decode_error_text(exn: BaseException) -> str:
+    """`Type: message` of a decoder's error, without PIL's file object ("<_io.BytesIO object at 0x7f..>",
+    "<_io.BufferedReader name='...'>"): noise, and the caller names the sample or file."""
+    text = re.sub(r"\s*<_io\.\w+ (?:object at 0x[0-9a-fA-F]+|name=[^>]*)>", "", str(exn))
+    return f"{type(exn).__name__}: {text}"
 
 
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG / TIFF grey, 32-bit integer grey

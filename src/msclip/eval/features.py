@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from msclip import io as mio
+from msclip.transforms import decode_error_text
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "MSCLIP_FEATURE_CACHE"
@@ -69,7 +70,7 @@ class SafeDataset(Dataset):
             image, label = self.base[i]
             return i, self.transform(image), label, None
         except Exception as e:  # noqa: BLE001 - any read/decode/transform failure skips this sample
-            return i, None, None, f"{type(e).__name__}: {e}"
+            return i, None, None, decode_error_text(e)
 
 
 @dataclass

@@ -39,12 +39,20 @@ class FolderIndex:
     samples: list[tuple[str, int]]  # (path, class index), ImageFolder order
 
 
-def _walk_images(folder: str) -> list[str]:
-    # Same traversal and order as torchvision.datasets.folder.make_dataset.
-    out = []
-    for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True)):
-        out.extend(os.path.join(dirpath, f) for f in sorted(fnames) if is_image_file(f))
-    return out
+def is_hidden(name: str) -> bool:
+    # .ipynb_checkpoints, .git, macOS's .DS_Store and ._* AppleDouble files: never data, and a hidden folder
+    # taken as a class would shift every class index after it
+    return name.startswith(".")
+
+
+def walk_images(folder: str) -> list[str]:
+    """Every image file under `folder`, recursively, sorted as torchvision's ImageFolder lists them."""
+    # The traversal and order of torchvision.datasets.folder.make_dataset, without hidden files and folders.
+    found = []
+    for dirpath, dirnames, fnames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        found.append((dirpath, [f for f in fnames if is_image_file(f) and not is_hidden(f)]))
+    return [os.path.join(dirpath, f) for dirpath, fnames in sorted(found) for f in sorted(fnames)]
 
 
 def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
@@ -53,13 +61,13 @@ def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
     root = str(root)
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist or is not a folder")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name))
     if not classes:
         raise DataError(f"data folder {root!r} has no class sub-folders (expected ROOT/<class>/<image>)")
     samples: list[tuple[str, int]] = []
     empty = []
     for idx, cls in enumerate(classes):
-        files = _walk_images(os.path.join(root, cls))
+        files = walk_images(os.path.join(root, cls))
         if not files:
             empty.append(cls)
         samples.extend((p, idx) for p in files)
@@ -75,7 +83,7 @@ def scan_images(root: str | os.PathLike) -> list[str]:
     root = str(root)
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist or is not a folder")
-    files = _walk_images(root)
+    files = walk_images(root)
     if not files:
         raise DataError(f"image folder {root!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from msclip.data.formats import WDS_IMAGE_KEYS, is_image_file
+from msclip.data.formats import WDS_IMAGE_KEYS
 from msclip.data.formats import read_idx as read_idx_file
+from msclip.eval.imagefolder import is_hidden, walk_images
 from msclip.transforms import to_rgb
 
 # members read as text (the label and the caption members); every other member is kept as a TarMember
@@ -158,7 +159,7 @@ def read_folder(root: Path, split: str, classes: list[str] | None = None) -> Sam
     base = root / split if split else root
     if not base.is_dir():
         return None
-    found = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = sorted(d.name for d in base.iterdir() if d.is_dir() and not is_hidden(d.name))
     if not found:
         return None
     classes = classes or found
@@ -168,11 +169,9 @@ def read_folder(root: Path, split: str, classes: list[str] | None = None) -> Sam
     index = {c: i for i, c in enumerate(classes)}
     sources, labels = [], []
     for c in found:
-        for dirpath, _, files in sorted(os.walk(base / c)):
-            for f in sorted(files):
-                if is_image_file(f):
-                    sources.append(os.path.join(dirpath, f))
-                    labels.append(index[c])
+        files = walk_images(str(base / c))
+        sources += files
+        labels += [index[c]] * len(files)
     return Samples(sources, labels, list(classes), "folder")
 
 
