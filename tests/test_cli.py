@@ -12,7 +12,7 @@ import pytest
 import msclip
 from msclip import cli
 from msclip.errors import MsclipError
-from msclip.train.loop import NonFiniteLossError
+from msclip.train.failures import DataWorkerDied, NonFiniteLossError
 from proc_utils import run_logged
 
 
@@ -67,6 +67,18 @@ def test_train_prints_the_run_and_maps_nonfinite_to_3(monkeypatch, tmp_path, cap
     monkeypatch.setattr(T, "train", lambda recipe, **kw: (_ for _ in ()).throw(NonFiniteLossError("5 in a row")))
     assert cli.main(["train", "model=clip-b32-tiny", "train.steps=5"]) == 3
     assert "msclip train: stopped: 5 in a row" in capsys.readouterr().err
+
+    def worker_died(recipe, **kw):
+        err = DataWorkerDied("a data loader worker died at step 7 (...); step 7 was checkpointed to X", "X")
+        err.run_dir = tmp_path / "runs" / "r"
+        raise err
+
+    monkeypatch.setattr(T, "train", worker_died)
+    assert cli.main(["train", "model=clip-b32-tiny", "train.steps=5"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("msclip train: stopped: a data loader worker died at step 7") and "Traceback" not in err
+    assert f"resume with: msclip train model=clip-b32-tiny train.steps=5 output_dir={tmp_path / 'runs'} name=r " \
+           "resume=latest" in err
 
 
 def test_info_counts(capsys):

@@ -219,3 +219,36 @@ def test_bad_training_values_are_refused_before_a_run_folder_exists(
     err = capsys.readouterr().err
     assert code == 2 and f"{field}=" in err and "must be" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_killed_data_worker_stops_cleanly_after_checkpointing_its_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted: dict[str, torch.Tensor]) -> None:
+    """kill -9 of a DataLoader worker (the out-of-memory killer's usual victim) in the second epoch: the run
+    saves the last finished step, stops with DataWorkerDied naming it (no traceback), and resume=latest
+    reproduces the uninterrupted weights exactly."""
+    from torch.utils.data import get_worker_info
+
+    from msclip.data.mapstyle import SyntheticCaptions
+    from msclip.train.failures import DataWorkerDied
+
+    real, marker = SyntheticCaptions.__getitem__, tmp_path / "killed-once"
+
+    def dies_in_epoch_1(self, key):  # noqa: ANN001, ANN202 - runs in the (forked) worker
+        if get_worker_info() is not None and key[0] == 1 and not marker.exists():
+            marker.touch()
+            time.sleep(1.0)  # the trainer drains the prefetched batches and waits for data
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, key)
+
+    monkeypatch.setattr(SyntheticCaptions, "__getitem__", dies_in_epoch_1)
+    with pytest.raises(DataWorkerDied, match=r"data loader worker died at step (\d+) .*killed by signal.*"
+                                             r"checkpointed to .*step_000000\d\d\.pt.*data\.workers") as info:
+        train(tiny_recipe(tmp_path, "wk", train__steps=STEPS, data__workers=1))
+    saved = max(_ckpts(tmp_path / "wk"))
+    assert 6 <= saved < STEPS and info.value.checkpoint.endswith(f"step_{saved:08d}.pt")
+    assert info.value.run_dir == tmp_path / "wk"
+    monkeypatch.undo()
+    resumed = train(tiny_recipe(tmp_path, "wk", resume="latest", train__steps=STEPS, data__workers=1))
+    assert resumed.state.step == STEPS and resumed.start_step == saved
+    final = load_train_state(resumed.last_checkpoint)["model"]
+    assert all(torch.equal(final[k], v) for k, v in uninterrupted.items())

@@ -178,7 +178,7 @@ class SigLipLoss(nn.Module):
     temperature of 10: the SigLIP paper's start, where every pair starts out at "no match") belongs to this
     module; the trainer saves its ``state_dict`` with the train state and optimises it without weight decay.
 
-    Gradient accumulation (`msclip.train.loop.backward_accumulated`) detaches the temperature of all but
+    Gradient accumulation (`msclip.train.accumulation.backward_accumulated`) detaches the temperature of all but
     the last micro-batch, because each of the k losses scores the whole cached batch; the bias follows
     the temperature (it is detached when ``logit_scale`` does not require grad), so it gets the big
     batch's gradient once, not k times.

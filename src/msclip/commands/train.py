@@ -17,6 +17,7 @@ NAME = "train"
 HELP = "pre-train a model from a YAML recipe (one process, or under torchrun -m msclip train)"
 _PREFIX = "ov:"
 EXIT_NONFINITE = 3  # the run stopped on repeated non-finite losses (distinct from a user error's 2)
+EXIT_WORKER_DIED = 4  # a data loader worker died (the current step was checkpointed first)
 
 
 def _metavar(path: str) -> str:
@@ -48,7 +49,7 @@ def resume_hint(args: argparse.Namespace, run_dir: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msclip.train import NonFiniteLossError, load_recipe, train
+    from msclip.train import DataWorkerDied, NonFiniteLossError, load_recipe, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.config, collect_overrides(args))  # a RecipeError is printed by msclip.cli
@@ -57,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"msclip train: stopped: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except DataWorkerDied as err:
+        hint = f"; resume with: {resume_hint(args, err.run_dir)}" if err.run_dir is not None else ""
+        print(f"msclip train: stopped: {err}{hint}", file=sys.stderr)
+        return EXIT_WORKER_DIED
     except KeyboardInterrupt:  # Ctrl-C before training installed its own handler: nothing to save yet
         print("msclip train: interrupted before the first step; nothing was saved", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -6,18 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from msclip.train.failures import DataWorkerDied, NonFiniteLossError
 from msclip.train.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, save_recipe
 
-__all__ = ["NonFiniteLossError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "save_recipe",
-           "train"]
-
-
-def __getattr__(name: str) -> Any:
-    # lazy: the loop pulls in the data pipeline and torch._dynamo, which a torchrun rank pays for at start-up
-    if name == "NonFiniteLossError":
-        from msclip.train.loop import NonFiniteLossError
-        return NonFiniteLossError
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["DataWorkerDied", "NonFiniteLossError", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict",
+           "save_recipe", "train"]
 
 
 def train(recipe: Recipe, **kwargs: Any) -> Any:

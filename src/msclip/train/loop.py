@@ -5,7 +5,6 @@ optimiser step (``train_step``), followed by bookkeeping, logging, checkpointing
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -21,18 +20,15 @@ from tqdm import tqdm
 
 from msclip.data.device_batch import images_to_model_input
 from msclip.model import MSCLIP
+from msclip.train.accumulation import MicroBatch, backward_accumulated
 from msclip.train.distributed import DistEnv, max_over_ranks
+from msclip.train.failures import DataWorkerDied, NonFiniteLossError, worker_death
 from msclip.train.logger import RunLogger
-from msclip.train.precision import CompiledStep, Precision
+from msclip.train.precision import Precision
 from msclip.train.state import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images, trimmed tokens) on the device
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite steps in a row."""
 
 
 @dataclass
@@ -81,52 +77,6 @@ class StepResult:
     ok: bool  # False: non-finite loss or gradient, the update was skipped
 
 
-def backward_accumulated(model: nn.Module, micro: list[MicroBatch], loss_fn: nn.Module, precision: Precision,
-                         scaler: torch.amp.GradScaler | None) -> torch.Tensor:
-    """Backward the contrastive loss of all micro-batches together; returns the (detached) loss.
-
-    With k > 1 micro-batches a no-grad pass caches every feature first; each micro-batch is then re-run with
-    grad and its fresh features are spliced into the cache, so each loss sees all k x B negatives and the
-    summed feature gradients equal those of one k x B batch (open_clip's scheme). The temperature multiplies
-    every logit of every one of the k (numerically equal) losses, so it takes its gradient from one of them
-    only, the last: otherwise it would get k times the big batch's. DDP syncs only on the last micro-batch.
-    With ``train.compile: step`` (a `CompiledStep`) one micro-batch runs forward and loss as one compiled
-    graph; k > 1 needs the features apart, so there only the forward is compiled and the loss is eager.
-    Exact for models without batch statistics; BatchNorm layers see micro-batches of B.
-    """
-    def backward(loss: torch.Tensor) -> None:
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-
-    if len(micro) == 1:
-        images, tokens = micro[0]
-        with precision.autocast():
-            if isinstance(model, CompiledStep):  # train.compile=step: forward and loss in one graph
-                loss = model.forward_loss(images, tokens, loss_fn)
-            else:
-                out = model(images, tokens, trim=False)
-                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        backward(loss)
-        return loss.detach().float()
-    with torch.no_grad(), precision.autocast():
-        cached = [model(i, t, trim=False) for i, t in micro]
-    img_cache = [c["image_features"] for c in cached]
-    txt_cache = [c["text_features"] for c in cached]
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    losses = []
-    for j, (images, tokens) in enumerate(micro):
-        last = j == len(micro) - 1
-        with model.no_sync() if is_ddp and not last else contextlib.nullcontext():
-            with precision.autocast():
-                out = model(images, tokens, trim=False)
-                imgs = torch.cat(img_cache[:j] + [out["image_features"]] + img_cache[j + 1:])
-                txts = torch.cat(txt_cache[:j] + [out["text_features"]] + txt_cache[j + 1:])
-                scale = out["logit_scale"] if last else out["logit_scale"].detach()
-                loss = loss_fn(imgs, txts, scale)
-            backward(loss)
-        losses.append(loss.detach().float())
-    return torch.stack(losses).mean()
-
-
 class TrainLoop:
     def __init__(self, *, model: nn.Module, unwrapped: MSCLIP, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, precision: Precision,
@@ -155,6 +105,7 @@ class TrainLoop:
         self.last_checkpoint = ""
         self.stop_request: Any = None  # its ``signum`` turns non-zero on SIGINT/SIGTERM (train/stop.py)
         self.stopped_by = 0  # the signal this invocation stopped on (0: it did not)
+        self._fetching = False  # inside the wait for the next batch (see _after_worker_death)
         self._stop_signum = 0.0  # the stop signal as agreed by all ranks at the last step
         self._saved_step = -1
         self.history: list[float] = []  # loss per good optimiser step (this invocation only)
@@ -199,7 +150,9 @@ class TrainLoop:
         """Groups of ``accum_freq`` micro-batches, one per optimiser step."""
         while True:
             t0 = time.perf_counter()
+            self._fetching = True  # a data worker's death seen here leaves the last step's state whole
             micro = [self._to_device(b) for b in itertools.islice(batches, self.cfg.accum_freq)]
+            self._fetching = False
             self._data_time += time.perf_counter() - t0
             if len(micro) < self.cfg.accum_freq:
                 return
@@ -374,28 +327,55 @@ class TrainLoop:
         bar_on = self.cfg.progress and self.env.is_master and _is_terminal()
         with tqdm(total=total, initial=st.step, disable=not bar_on,
                   unit="step", dynamic_ncols=True, desc="train") as bar:
-            while st.step < total:
-                epoch = st.epoch
-                batches = self._epoch_batches()
-                if self._skip_zero is None:  # after a resume's replay: those samples were counted before
-                    self._skip_zero = self._local_skips()
-                for micro in self._micro_batches(batches):
-                    result = self.train_step(micro)
-                    self._advance(result)
-                    bar.update(1)
-                    self._log_train(result, bar)
-                    self._maybe_save(result)
-                    self._maybe_eval()
-                    if self._stop_requested():
-                        return st
-                    if self.stop_after is not None and st.step - start_step >= self.stop_after:
-                        return st  # simulated interruption (tests)
-                    if st.step >= total:
-                        break
-                if st.step < total and st.epoch == epoch:  # the loader gave fewer batches than it promised
-                    log.warning("epoch %d ended after %d of %d batches; starting the next epoch", epoch,
-                                st.batch_in_epoch, self.cfg.steps_per_epoch * self.cfg.accum_freq)
-                    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            try:
+                return self._run_epochs(bar, start_step)
+            except RuntimeError as err:
+                died = worker_death(err)
+                if died is None:
+                    raise
+                raise self._after_worker_death(died) from err
+
+    def _after_worker_death(self, died: str) -> DataWorkerDied:
+        """Met while waiting for data, the weights and the data position are those of the last finished step:
+        save it (one process), so a worker killed for memory costs no training. torch reports a death from its
+        SIGCHLD handler too, which can raise in the middle of a step: then nothing is saved."""
+        st = self.state
+        saved = None
+        if self._fetching and self.env.world_size == 1 and st.step > self.start_step:
+            if self._saved_step != st.step:
+                self._save()
+            saved = self.last_checkpoint
+        newest = saved or self.last_checkpoint
+        where = (f"step {st.step} was checkpointed to {saved}" if saved else
+                 f"the newest checkpoint is {newest}" if newest else "no checkpoint was written")
+        return DataWorkerDied(f"a data loader worker died at step {st.step} ({died}); {where}. If the system "
+                              "killed it for lack of memory, use fewer data.workers or a smaller "
+                              "data.shuffle_buffer", saved)
+
+    def _run_epochs(self, bar: tqdm, start_step: int) -> LoopState:
+        st, total = self.state, self.cfg.total_steps
+        while st.step < total:
+            epoch = st.epoch
+            batches = self._epoch_batches()
+            if self._skip_zero is None:  # after a resume's replay: those samples were counted before
+                self._skip_zero = self._local_skips()
+            for micro in self._micro_batches(batches):
+                result = self.train_step(micro)
+                self._advance(result)
+                bar.update(1)
+                self._log_train(result, bar)
+                self._maybe_save(result)
+                self._maybe_eval()
+                if self._stop_requested():
+                    return st
+                if self.stop_after is not None and st.step - start_step >= self.stop_after:
+                    return st  # simulated interruption (tests)
+                if st.step >= total:
+                    break
+            if st.step < total and st.epoch == epoch:  # the loader gave fewer batches than it promised
+                log.warning("epoch %d ended after %d of %d batches; starting the next epoch", epoch,
+                            st.batch_in_epoch, self.cfg.steps_per_epoch * self.cfg.accum_freq)
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         return st
 
 

@@ -24,7 +24,8 @@ from msclip.loss import make_loss
 from msclip.model import MSCLIP
 from msclip.train import distributed as D
 from msclip.train.logger import RunLogger
-from msclip.train.loop import LoopSettings, LoopState, NonFiniteLossError, ResumeRng, TrainLoop, format_duration
+from msclip.train.failures import DataWorkerDied, NonFiniteLossError
+from msclip.train.loop import LoopSettings, LoopState, ResumeRng, TrainLoop, format_duration
 from msclip.train.optim import build_optimizer
 from msclip.train.precision import compile_for_training, configure_backends, get_precision, set_channels_last
 from msclip.train.recipe import Recipe, RecipeError
@@ -171,7 +172,11 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
     loop.last_checkpoint = saver.last_finite
     loop.stop_request = stop
     try:
-        state = loop.run()
+        try:
+            state = loop.run()
+        except DataWorkerDied as err:
+            err.run_dir = run_dir  # for the resume command line
+            raise
         _, skips = loop.global_report()  # (every rank: a collective)
         if env.is_master:
             _log_summary(logger, loop, plan.total, skips, time.perf_counter() - t_start)
