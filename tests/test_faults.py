@@ -252,3 +252,18 @@ def test_a_killed_data_worker_stops_cleanly_after_checkpointing_its_step(
     assert resumed.state.step == STEPS and resumed.start_step == saved
     final = load_train_state(resumed.last_checkpoint)["model"]
     assert all(torch.equal(final[k], v) for k, v in uninterrupted.items())
+
+
+def test_resuming_into_another_model_or_loss_names_the_checkpoint_and_the_difference(tmp_path: Path) -> None:
+    """resume=latest with a recipe that builds another model (or loss) is a TrainStateError naming the checkpoint,
+    both model names and the differing fields, not load_state_dict's raw list of keys; the run is untouched."""
+    from msclip.train.state import TrainStateError
+
+    first = train(tiny_recipe(tmp_path, "r", train__steps=2))
+    before = {p.name: p.read_bytes() for p in (first.run_dir / "checkpoints").iterdir()}
+    with pytest.raises(TrainStateError, match=r"step_00000002\.pt: trained another model than this recipe's "
+                                              r"\(model 'clip-b32-tiny' there, 'msclip-s-b32-tiny' here: .* more\)"):
+        train(tiny_recipe(tmp_path, "r", resume="latest", model="msclip-s-b32-tiny", train__steps=4))
+    with pytest.raises(TrainStateError, match=r"step_00000002\.pt: its loss state does not fit.*logit_bias"):
+        train(tiny_recipe(tmp_path, "r", resume="latest", train__steps=4, train__loss="siglip"))
+    assert {p.name: p.read_bytes() for p in (first.run_dir / "checkpoints").iterdir()} == before

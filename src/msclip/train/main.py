@@ -32,7 +32,8 @@ from msclip.train.recipe import Recipe, RecipeError
 from msclip.train.run_folder import EXPORT_NAME, prepare_run_dir
 from msclip.train.scheduler import WarmupCosine
 from msclip.train.stop import StopRequest
-from msclip.train.state import (capture_rng, checkpoint_path, load_resume_state, load_train_state, nonfinite_tensors,
+from msclip.train.state import (capture_rng, check_same_model, checkpoint_path, load_part, load_resume_state,
+                                load_train_state, nonfinite_tensors,
                                 save_train_state)
 
 log = logging.getLogger(__name__)
@@ -330,11 +331,13 @@ def _load_resume(ckpt: str, saved: dict | None, env: D.DistEnv, model: MSCLIP, o
     RNG streams restart and a partly done epoch is left for the next one (its data split no longer exists).
     """
     saved = saved if saved is not None else load_train_state(ckpt)
-    model.load_state_dict(saved["model"])
+    check_same_model(ckpt, saved.get("model_config"), model.cfg.to_dict())
+    load_part(ckpt, "model", lambda: model.load_state_dict(saved["model"]))
     if loss_fn is not None and (saved.get("loss") or list(loss_fn.state_dict())):
-        loss_fn.load_state_dict(saved.get("loss", {}))  # strict: a SigLIP run's bias must be there
+        # strict: a SigLIP run's bias must be there
+        load_part(ckpt, "loss", lambda: loss_fn.load_state_dict(saved.get("loss", {})))
     fresh_lrs = {g["name"]: g["base_lr"] for g in optimizer.param_groups}
-    optimizer.load_state_dict(saved["optimizer"])
+    load_part(ckpt, "optimizer", lambda: optimizer.load_state_dict(saved["optimizer"]))
     for g in optimizer.param_groups:  # (the same lr on an exact resume)
         g["base_lr"] = fresh_lrs.get(g["name"], g["base_lr"])
     scheduler.load_state_dict(saved["scheduler"])

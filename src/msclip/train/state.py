@@ -10,7 +10,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -157,3 +157,36 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_model(ckpt: str | Path, saved_cfg: dict[str, Any] | None, cfg: dict[str, Any]) -> None:
+    """A train state resumes only into the model it trained (its name aside): name the fields that differ,
+    instead of load_state_dict's list of every missing and unexpected key."""
+    if not saved_cfg:
+        return
+    was, now = _flat(saved_cfg), _flat(cfg)
+    diff = sorted(k for k in was.keys() | now.keys() if k != "name" and was.get(k) != now.get(k))
+    if diff:
+        names = (f"model {was.get('name')!r} there, {now.get('name')!r} here: "
+                 if was.get("name") != now.get("name") else "")
+        shown = "; ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} here" for k in diff[:4])
+        more = f"; and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise TrainStateError(f"{ckpt}: trained another model than this recipe's ({names}{shown}{more}); resume "
+                              "with the run's own recipe.yaml, or start a new run with another name=...")
+
+
+def load_part(ckpt: str | Path, what: str, load: Callable[[], Any]) -> None:
+    """`load()` one part of a train state (model, loss, optimiser); a mismatch names the file and the part."""
+    try:
+        load()
+    except (RuntimeError, ValueError, KeyError) as err:
+        lines = [ln.strip() for ln in str(err).strip().splitlines()[:2]]  # torch's title line, then its first cause
+        text = " ".join(lines)[:300] or type(err).__name__
+        raise TrainStateError(f"{ckpt}: its {what} state does not fit this recipe's ({text})") from None
