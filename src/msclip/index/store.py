@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from msclip import io as mio
+from msclip.factory import list_models
 from msclip.errors import MissingFileError, MsclipError
 from msclip.eval.features import SafeDataset, extract_image_features
 from msclip.eval.imagefolder import load_rgb, scan_images
@@ -59,7 +60,9 @@ class ModelMismatchError(IndexStoreError):
 def model_identity(model_spec: str, model: Any, checkpoint: str, precision: str) -> dict[str, Any]:
     """What makes embeddings comparable: the config (hashed) and the exact weights (sha256)."""
     config = json.dumps(model.cfg.to_dict(), sort_keys=True)
-    if os.path.isfile(model_spec):  # a config file: found again by `msclip search` from any folder
+    # a config file or a model folder, found again by `msclip search` from any folder; a registered name wins
+    # over a file or folder of that name in the working directory, as it does in the factory
+    if model_spec not in list_models() and os.path.exists(model_spec):
         model_spec = os.path.abspath(model_spec)
     return {"spec": model_spec, "name": model.cfg.name, "embed_dim": model.cfg.embed_dim,
             "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
