@@ -120,6 +120,21 @@ def test_captions_are_kept_by_a_run_without_captions(assets, model, tmp_path):
     assert store.meta["captioned"] == 2
 
 
+def test_captions_of_an_unreadable_image_are_kept_until_it_is_readable(assets, model, tmp_path):
+    """CSV captions of an image unreadable at indexing time are stored with its skip entry (also through an
+    unchanged re-run), so once the image is fixed a run without --captions indexes it with them."""
+    images = tmp_path / "images"
+    write_emoji(images, ["apple", "car"])
+    (images / "blue.png").write_bytes(b"not a png")
+    csv_path = _captions_csv(tmp_path / "c.csv", [("apple.png", "a red apple"), ("blue.png", "a blue sky")])
+    _update(tmp_path / "idx", images, model, assets, captions_csv=str(csv_path))
+    _update(tmp_path / "idx", images, model, assets)  # unchanged and unreadable: not retried, captions kept
+    render_emoji(EMOJI["car"][0]).save(images / "blue.png")
+    rep = _update(tmp_path / "idx", images, model, assets)
+    caps = {it.id: it.captions for it in load_index(tmp_path / "idx").items}
+    assert rep.embedded == 1 and caps["blue.png"] == ["a blue sky"] and caps["apple.png"] == ["a red apple"]
+
+
 def test_caption_rows_of_missing_images_are_counted_and_printed(assets, tmp_path, capsys):
     """Caption rows naming images not under --images are counted and reported on the console."""
     images = tmp_path / "images"

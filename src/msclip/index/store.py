@@ -296,9 +296,11 @@ def update_index(output: str | os.PathLike, root: str | os.PathLike, model: Any,
             it.captions = table.get(os.path.normpath(it.id), [])
     else:
         unmatched = 0
-        for it in items:  # keep the captions a previous run read from a CSV
+        for it in items:  # keep the captions a previous run read from a CSV (stored with a row or a skip)
             if not it.captions and it.id in old_rows and "path" in it.source:
                 it.captions = old_rows[it.id][1].captions
+            elif not it.captions and it.id in old_skipped:
+                it.captions = list(old_skipped[it.id].get("captions", []))
     keep, new, skipped = _plan(items, old_rows, old_skipped)
     dataset = SafeDataset(ItemImages(base, new), eval_transform(model))
     feats = extract_image_features(lambda x: model.encode_image(x, normalize=True), dataset, device,
@@ -310,8 +312,8 @@ def update_index(output: str | os.PathLike, root: str | os.PathLike, model: Any,
         embedded = [new[i] for i in feats["indices"].tolist()]
         if embedded:
             new_feats = F.normalize(feats["features"].float(), dim=-1).numpy()
-        skipped += [{"id": new[i].id, "source": new[i].source, "stamp": new[i].stamp, "error": err}
-                    for i, err in feats["failures"]]
+        skipped += [{"id": new[i].id, "source": new[i].source, "stamp": new[i].stamp, "error": err,
+                     **_captions_entry(new[i])} for i, err in feats["failures"]]
     skipped_new = len(feats["failures"]) if feats is not None else 0
     rows = [it for _, it in keep] + embedded
     if not rows:
@@ -340,6 +342,11 @@ def update_index(output: str | os.PathLike, root: str | os.PathLike, model: Any,
                         index_info["type"], time.perf_counter() - t0, unmatched)
 
 
+def _captions_entry(it: Item) -> dict[str, list[str]]:
+    # a skipped image keeps its CSV captions, for when it becomes readable in a run without --captions
+    return {"captions": list(it.captions)} if it.captions else {}
+
+
 def _plan(items: list[Item], old_rows: dict[str, tuple[int, Item]], old_skipped: dict[str, dict]
           ) -> tuple[list[tuple[int, Item]], list[Item], list[dict]]:
     """(rows to keep as (old row, item) in the old order, items to embed, unreadable items not retried)."""
@@ -349,7 +356,8 @@ def _plan(items: list[Item], old_rows: dict[str, tuple[int, Item]], old_skipped:
         if prev is not None and prev[1].stamp == it.stamp:
             keep.append((prev[0], it))
         elif it.id in old_skipped and old_skipped[it.id]["stamp"] == it.stamp:
-            skipped.append(old_skipped[it.id])  # unchanged and unreadable last time: not retried
+            # unchanged and unreadable last time: not retried; its captions are this run's
+            skipped.append({**old_skipped[it.id], **_captions_entry(it)})
         else:
             new.append(it)
     keep.sort(key=lambda rk: rk[0])  # old order, so an unchanged index keeps its row numbers
