@@ -91,15 +91,39 @@ def saved(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("missing", [CONFIG_NAME, WEIGHTS_NAME])
-def test_missing_file_is_named(saved, tmp_path, missing):
+def test_missing_weights_are_named(saved, tmp_path):
+    """A folder with config.json but no model.safetensors is an error naming the folder and the file."""
     folder = tmp_path / "m"
     folder.mkdir()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if name != missing:
-            (folder / name).write_bytes((saved / name).read_bytes())
-    with pytest.raises(MissingFileError, match=f"{folder}.* has no {missing}"):
+    (folder / CONFIG_NAME).write_bytes((saved / CONFIG_NAME).read_bytes())
+    with pytest.raises(MissingFileError, match=f"{folder}.* has no {WEIGHTS_NAME}"):
         msclip.create_model(folder)
+    (folder / CONFIG_NAME).unlink()
+    with pytest.raises(MissingFileError, match=f"{folder}.* has no {CONFIG_NAME}"):
+        msclip.create_model(folder)
+
+
+def test_a_folder_or_file_with_only_msclip_weights_loads_from_their_embedded_config(saved, tmp_path):
+    """A training run's folder (model.safetensors, no config.json) and msclip's weights files themselves are
+    models: create_model and resolve_checkpoint read the embedded config and load those weights; weights
+    without an embedded config are an error saying what to pass."""
+    from safetensors.torch import save_file
+
+    from msclip.eval.loading import resolve_checkpoint
+
+    ref = msclip.create_model(saved)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / WEIGHTS_NAME).write_bytes((saved / WEIGHTS_NAME).read_bytes())
+    for spec in (folder, str(folder / WEIGHTS_NAME)):
+        model = msclip.create_model(spec)
+        assert model.cfg.to_dict() == {**ref.cfg.to_dict(), "name": model.cfg.name}
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+        assert resolve_checkpoint(str(spec), None) == str(folder / WEIGHTS_NAME)
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(plain))
+    with pytest.raises(msclip.config.ConfigError, match=r"plain\.safetensors has no embedded model config"):
+        msclip.create_model(str(plain))
 
 
 def test_corrupt_config_is_a_clear_error(saved, tmp_path):

@@ -23,6 +23,30 @@ class CheckpointError(MsclipError):
     """A checkpoint file cannot be read or does not hold model weights."""
 
 
+def embedded_config(path: str | os.PathLike) -> dict | None:
+    """The model config msclip stores in its own weights files (safetensors metadata, a torch file's
+    `model_config`, train states included), or None; reads only the header where the format allows."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        return json.loads(meta["msclip_config"]) if "msclip_config" in meta else None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt or not a torch file?): "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    config = obj.get("model_config") if isinstance(obj, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a weights file -> (flat state_dict, embedded model config or None)."""
     path = Path(path)

@@ -18,8 +18,8 @@ from typing import Any
 from torch import nn
 
 from . import io
-from .checkpoint import save_pretrained as save_weights_file
-from .config import ModelCfg, read_json_object
+from .checkpoint import embedded_config, save_pretrained as save_weights_file
+from .config import ConfigError, ModelCfg, read_json_object
 from .errors import MissingFileError, MsclipError
 from .version import __version__
 
@@ -189,3 +189,28 @@ def load_folder_config(folder: str | os.PathLike) -> ModelCfg:
 
 def folder_weights(folder: str | os.PathLike) -> Path:
     return _need(Path(folder), WEIGHTS_NAME)
+
+
+def is_weights_file(path: str | os.PathLike) -> bool:
+    return Path(path).is_file() and Path(path).suffix in FILE_SUFFIXES
+
+
+def load_embedded_config(weights: str | os.PathLike) -> ModelCfg:
+    """The config stored in one of msclip's weights files (`save_pretrained`, a training run's
+    `model.safetensors` or train state); other layouts carry none, which is an error saying what to pass."""
+    data = embedded_config(weights)
+    if data is None:
+        raise ConfigError(f"{weights} has no embedded model config (only msclip's own weights files carry one); "
+                          "pass a model name or config as the model and this file as the weights")
+    if not data.get("name"):
+        data = {**data, "name": Path(weights).stem}
+    return ModelCfg.from_dict(data, source=f"{weights} (embedded config)")
+
+
+def folder_config(folder: str | os.PathLike) -> ModelCfg:
+    """A model folder's `config.json`, or for a folder with only `model.safetensors` (a training run's) the
+    config embedded in it."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+        return load_embedded_config(folder / WEIGHTS_NAME)
+    return load_folder_config(folder)

@@ -22,36 +22,19 @@ class ModelLoadError(MsclipError):
 
 
 def resolve_checkpoint(model_spec: str, pretrained: str | None) -> str | None:
-    """The weights file that will be loaded (checked to exist): `pretrained`, else the `model.safetensors` of a
-    model folder (msclip.save_pretrained), else MODEL.PRETRAINED_MODEL of an official yaml, else None (random
-    weights)."""
+    """The weights file that will be loaded (checked to exist): `pretrained`, else the model's own
+    (`msclip.factory.default_weights`: a model or run folder's `model.safetensors`, a weights file given as the
+    model, an official yaml's MODEL.PRETRAINED_MODEL, which must exist), else None (random weights)."""
+    from msclip.factory import default_weights
+
     if pretrained is not None:
         if not Path(pretrained).is_file():
             raise MissingFileError(f"checkpoint --pretrained {pretrained!r} does not exist")
         return pretrained
-    folder_weights = Path(model_spec) / "model.safetensors"
-    if (Path(model_spec) / "config.json").is_file() and model_spec not in _registered():
-        if not folder_weights.is_file():
-            raise MissingFileError(f"model folder {model_spec!r} has no model.safetensors")
-        return str(folder_weights)
-    if model_spec.endswith((".yaml", ".yml")):
-        from msclip.official_config import load_official_yaml
-
-        if not Path(model_spec).is_file():
-            raise MissingFileError(f"model yaml {model_spec!r} does not exist")
-        default = load_official_yaml(model_spec).pretrained_path
-        if default is not None:
-            if not Path(default).is_file():
-                raise MissingFileError(f"{model_spec}: MODEL.PRETRAINED_MODEL {default!r} does not exist (relative "
-                                       f"to the working directory {os.getcwd()!r}); download it or pass --pretrained")
-            return default
-    return None
-
-
-def _registered() -> set[str]:
-    import msclip
-
-    return set(msclip.list_models())  # a registered name wins over a folder of the same name
+    if model_spec.endswith((".yaml", ".yml")) and not Path(model_spec).is_file():
+        raise MissingFileError(f"model yaml {model_spec!r} does not exist")
+    found = default_weights(model_spec, strict=True)
+    return None if found is None else str(found)
 
 
 def load_model(model_spec: str, checkpoint: str | None, device: torch.device, precision: str) -> Any:

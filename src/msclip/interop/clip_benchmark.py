@@ -39,50 +39,21 @@ def _is_none(pretrained: str | os.PathLike | None) -> bool:
     return pretrained is None or str(pretrained).strip().lower() in NO_WEIGHTS
 
 
-def resolve(model_name: str | os.PathLike, pretrained: str | os.PathLike | None) -> tuple[str | None, str | None]:
-    """(config spec for `msclip.create_model`, weights file) of a loader call. The spec is None when the config
-    is the one embedded in the weights file: a folder with `model.safetensors` but no `config.json` (a training
-    run's folder), or `model_name` naming such a file itself."""
-    from msclip.factory import list_models
-    from msclip.pretrained_folder import CONFIG_NAME, WEIGHTS_NAME
-
+def resolve(model_name: str | os.PathLike, pretrained: str | os.PathLike | None) -> tuple[str, str | None]:
+    """(model spec for `msclip.create_model`, weights file or None) of a loader call. None means the spec's own
+    weights (a model or run folder's `model.safetensors`, a weights file given as the model) or, for a named
+    config, random ones; a `pretrained` file may be named relative to a model folder."""
     name = str(model_name)
-    path = Path(name)
-    if name in list_models() or name.endswith((".json", ".yaml", ".yml")) or not path.exists():
-        if _is_none(pretrained):
-            return name, None
-        if not Path(str(pretrained)).is_file():
-            raise MissingFileError(f"msclip loader: pretrained {str(pretrained)!r} is not a file; pass a weights "
-                                   f"file, or 'none' for random weights (CLIP_benchmark's default 'laion400m_e32' "
-                                   f"names an open_clip download, not an msclip checkpoint)")
-        return name, str(pretrained)
-    if path.is_file():  # a weights file carrying its config
-        return None, name
     if _is_none(pretrained):
-        weights = None if (path / CONFIG_NAME).is_file() else path / WEIGHTS_NAME
-    else:  # a weights file as given, or named relative to the folder
-        weights = Path(str(pretrained)) if Path(str(pretrained)).is_file() else path / str(pretrained)
-    if weights is not None and not weights.is_file():
-        raise MissingFileError(f"msclip loader: model folder {name!r} has no {weights.name} (expected {weights}); "
-                               f"pass --pretrained FILE")
-    if (path / CONFIG_NAME).is_file():  # a folder written by msclip.save_pretrained
-        return name, None if weights is None else str(weights)
-    return None, str(weights)
-
-
-def _from_embedded(weights: str) -> Any:
-    """An MSCLIP built from the config stored in `weights` (msclip's own formats), weights loaded strictly."""
-    from msclip.checkpoint import convert_state_dict, load_state_dict_file
-    from msclip.config import ModelCfg
-    from msclip.model import MSCLIP
-
-    state, config = load_state_dict_file(weights)
-    if config is None:
-        raise ClipBenchmarkError(f"msclip loader: {weights} has no embedded model config (only msclip's own "
-                                 f"checkpoints carry one); pass a config name as --model and the file as --pretrained")
-    model = MSCLIP(ModelCfg.from_dict(config, source=f"{weights} (embedded config)"), fit_batchnorm_stats=False)
-    model.load_state_dict(convert_state_dict(state, model, source=weights), strict=True)
-    return model
+        return name, None
+    weights = Path(str(pretrained))
+    if not weights.is_file() and Path(name).is_dir() and (Path(name) / weights).is_file():
+        weights = Path(name) / weights
+    if not weights.is_file():
+        raise MissingFileError(f"msclip loader: pretrained {str(pretrained)!r} is not a file; pass a weights "
+                               f"file, or 'none' for random weights (CLIP_benchmark's default 'laion400m_e32' "
+                               f"names an open_clip download, not an msclip checkpoint)")
+    return name, str(weights)
 
 
 def load_msclip(model_name: str, pretrained: str | None = None, cache_dir: str | None = None,
@@ -95,17 +66,14 @@ def load_msclip(model_name: str, pretrained: str | None = None, cache_dir: str |
     reads, or none/random/"" for random weights (for a folder: its own `model.safetensors`). `cache_dir` is
     unused (nothing is downloaded)."""
     from msclip.device import pick_device
-    from msclip.eval.loading import eval_transform, load_model
+    from msclip.eval.loading import eval_transform, load_model, resolve_checkpoint
     from msclip.factory import get_tokenizer
 
     if precision not in _DTYPES:
         raise ClipBenchmarkError(f"msclip loader: precision must be one of {sorted(_DTYPES)}, got {precision!r}")
     spec, weights = resolve(model_name, pretrained)
     dev = pick_device(str(device))
-    if spec is None:
-        model = _from_embedded(weights).to(device=dev, dtype=_DTYPES[precision]).eval()
-    else:
-        model = load_model(spec, weights, dev, precision)
+    model = load_model(spec, resolve_checkpoint(spec, weights), dev, precision)
     log.info("msclip loader: %s (%s) from %s on %s", model_name, model.cfg.name, weights or "random weights", dev)
     return model, eval_transform(model), get_tokenizer(model.cfg)
 
