@@ -178,3 +178,15 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path: Path) -> None:
     removed = mio.remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [f"{mio.TMP_PREFIX}step_5.pt.abc123"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "step_5.pt"]
+
+
+def test_a_folder_that_cannot_be_made_is_a_write_error_naming_it(tmp_path: Path) -> None:
+    """A file where a folder must go (an output under a file, a run folder's parent that is a file) is a
+    WriteError naming the folder and the file in the way, from make_folder and from every writer."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(mio.WriteError, match=rf"cannot create folder {tmp_path}/afile/run: {tmp_path}/afile is a "
+                                             "file, not a folder"):
+        mio.make_folder(tmp_path / "afile" / "run")
+    with pytest.raises(mio.WriteError, match=rf"cannot create folder {tmp_path}/afile: .*afile is a file"):
+        mio.write_json(tmp_path / "afile" / "result.json", {})
+    assert mio.make_folder(tmp_path / "a" / "b").is_dir()

@@ -201,7 +201,7 @@ def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: P
 
     t0 = time.perf_counter()
     out = Path(out_root) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
+    mio.make_folder(out)
     recipes_dir = Path(recipes_dir) if recipes_dir else RECIPES_DIR
     recipes = {label: load_recipe(recipes_dir / fname) for label, fname in RECIPES.items()}
     threads = None

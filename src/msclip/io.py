@@ -72,10 +72,27 @@ def reporting_writes(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
+def make_folder(folder: str | os.PathLike) -> Path:
+    """`mkdir -p folder`; a failure (a file in the way, no permission, a full disk) is a WriteError naming the
+    folder and what stood in the way."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise WriteError(f"cannot create folder {folder}: the disk is full") from err
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise WriteError(f"cannot create folder {folder}: {blocker} is a file, not a folder") from err
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(folder) else ""
+        raise WriteError(f"cannot create folder {folder}: {err.strerror or err}{where}") from err
+    return folder
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` to fill a temporary file, then move it durably over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
     try:

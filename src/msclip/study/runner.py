@@ -191,7 +191,7 @@ def _run_logged(words: list[str], env: dict[str, str], log_path: Path, what: str
     """Run one `msclip ...` command, its output streamed into `log_path` (a file, not a pipe: if the study
     dies, the run can still write its last lines while it saves and stops)."""
     cmd = [sys.executable, "-m", "msclip", *words[1:]]  # `msclip ...` as this interpreter's module
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    mio.make_folder(log_path.parent)
     with open(log_path, "w") as log:
         log.write(f"$ {shlex.join(words)}\n")
         log.flush()

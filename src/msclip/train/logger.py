@@ -95,7 +95,7 @@ class RunLogger:
         self.tb = None
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        mio.make_folder(self.run_dir)
         dropped = truncate_metrics(self.run_dir, start_step)
         if dropped:
             log.info("metrics: dropped %d record(s) after step %d, written by the earlier run past its last "

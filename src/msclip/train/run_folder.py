@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from msclip.errors import MsclipError
-from msclip.io import remove_stale_temporaries
+from msclip.io import make_folder, remove_stale_temporaries
 from msclip.train import distributed as D
 from msclip.train.logger import metrics_files
 from msclip.train.recipe import Recipe, save_recipe
@@ -118,7 +118,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, env: D.DistEnv, overwrite: bo
     if env.is_master:
         if overwrite and not recipe.resume:
             clear_previous_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir)
         lock.acquire(create=True)  # a new folder (a process that made it meanwhile gets the lock error)
         lock.claim()
         for folder in (run_dir, checkpoint_dir(run_dir)):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from msclip.errors import MissingFileError, MsclipError
-from msclip.io import torch_save
+from msclip.io import make_folder, torch_save
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def save_train_state(path: str | Path, state: dict[str, Any], keep_last: int) ->
     resumed from an earlier one (the resume skipped a damaged newest file, or was pointed at an older
     one), and pruning by step number there would delete the file just written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     torch_save({"format_version": FORMAT_VERSION, **state}, path)
     if keep_last > 0:
         found = list_checkpoints(path.parent)
