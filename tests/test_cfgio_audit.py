@@ -136,7 +136,10 @@ def test_openai_metadata_keys_are_ignored(tiny: msclip.MSCLIP) -> None:
 def _failing_writer(target_bytes: bytes = b"PK\x03\x04half") -> Any:
     """A stand-in for torch.save / safetensors' save_file that dies half-way through its file."""
     def write(obj: Any, dest: Any, *args: Any, **kwargs: Any) -> None:
-        Path(dest).write_bytes(target_bytes)  # half a file, then the process "dies"
+        if hasattr(dest, "write"):  # torch_save hands torch.save a file object
+            dest.write(target_bytes)
+        else:
+            Path(dest).write_bytes(target_bytes)  # half a file, then the process "dies"
         raise RuntimeError("simulated crash in the middle of a write")
     return write
 
