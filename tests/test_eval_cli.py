@@ -90,6 +90,25 @@ def test_linprobe_cache_and_compare(tmp_path, capsys):
     assert "| colors | accuracy |" in table and "| cifar10 |" in table and "mean over 1 shared" in table
 
 
+def test_linprobe_cache_misses_after_a_config_file_is_edited_in_place(tmp_path, capsys):
+    """The feature cache is keyed by the model's config, not only its spec: a .json config edited in place
+    (same path, same random-init seed) extracts anew instead of reusing the old features."""
+    import msclip
+
+    _colors(tmp_path / "colors")
+    cfg = msclip.get_model_config(MODEL).to_dict()
+    spec = tmp_path / "m.json"
+    spec.write_text(json.dumps(cfg))
+    args = [a if a != MODEL else str(spec) for a in COMMON] + [
+        "--dataset", f"colors:{tmp_path / 'colors'}", "--cache-dir", str(tmp_path / "cache"),
+        "--output", str(tmp_path / "a.json")]
+    assert main(["linprobe"] + args) == 0
+    capsys.readouterr()
+    spec.write_text(json.dumps({**cfg, "embed_dim": cfg["embed_dim"] // 2}))
+    assert main(["linprobe"] + args) == 0
+    assert "colors/train: 16 features (extracted)" in capsys.readouterr().err
+
+
 def test_retrieval_on_rendered_emoji(tmp_path, capsys):
     ann = _emoji_pairs(tmp_path)
     Image.new("RGB", (4, 4)).save(tmp_path / "x.png")

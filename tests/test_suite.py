@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from msclip.eval import suite as S
+import msclip
 from msclip.eval.features import SafeDataset, cache_key, cached, extract_image_features
 from msclip.eval.linear_probe import run_probe
 
@@ -141,3 +142,8 @@ def test_feature_cache_is_reused_and_keyed_by_checkpoint(tmp_path):
     os.utime(ckpt, ns=(1, 1))  # a rewritten checkpoint gets a new key
     assert cache_key("clip-b32-tiny", str(ckpt), "good", "train", str(tmp_path)) != key
     assert cache_key("clip-b32-tiny", str(ckpt), "good", "test", str(tmp_path)) != key
+    # a config file edited in place (same spec, same weights file): another key
+    cfg = msclip.get_model_config("clip-b32-tiny").to_dict()
+    edited = {**cfg, "embed_dim": cfg["embed_dim"] * 2}
+    assert cache_key("m.json", str(ckpt), "good", "train", str(tmp_path), model_config=cfg) != \
+        cache_key("m.json", str(ckpt), "good", "train", str(tmp_path), model_config=edited)

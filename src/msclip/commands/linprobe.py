@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         encode, eval_transform(model), device, model_name=args.model, checkpoint=checkpoint, cache_dir=cache_dir,
         extra=extra, limit=args.limit, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
         autocast=bf16_autocast(device) if args.amp else None, progress=progress_flag(args),
-        report=lambda line: print(line, file=sys.stderr))
+        report=lambda line: print(line, file=sys.stderr), model_config=model.cfg.to_dict())
 
     if args.protocol == "clip":
         kw = {"max_iter": args.max_iter, "tol": args.tol, "patience": None if args.full_sweep else 3}

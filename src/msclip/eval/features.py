@@ -192,11 +192,13 @@ def checkpoint_identity(path: str | None) -> str:
 
 
 def cache_key(model_name: str, checkpoint: str | None, dataset: str, split: str, root: str,
-              extra: dict | None = None) -> str:
-    """Hash of (model, checkpoint path + mtime + size, dataset, split, root, extra): a changed checkpoint or
-    different preprocessing never reuses stale features."""
+              extra: dict | None = None, model_config: dict | None = None) -> str:
+    """Hash of (model name and config, checkpoint path + mtime + size, dataset, split, root, extra): a changed
+    checkpoint, a config file edited in place or different preprocessing never reuses stale features."""
     ident = {"model": model_name, "checkpoint": checkpoint_identity(checkpoint), "dataset": dataset,
              "split": split, "root": os.path.abspath(root) if root else "", "extra": extra or {}}
+    if model_config is not None:
+        ident["config"] = model_config
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 

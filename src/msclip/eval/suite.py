@@ -312,13 +312,14 @@ def limit_dataset(ds: Any, limit: int | None, seed: int = 0) -> Any:
 
 class CachedFeaturizer:
     """`featurize(spec, root, role, ds)` for run_suite: the shared image-feature loop over a split (limited
-    to `limit` samples), cached on disk per (model, checkpoint, dataset, split, root, `extra`)."""
+    to `limit` samples), cached on disk per (model name and config, checkpoint, dataset, split, root, `extra`)."""
 
     def __init__(self, encode: Callable, transform: Callable, device: torch.device, *, model_name: str,
                  checkpoint: str | None, cache_dir: str | Path | None, extra: dict, limit: int | None = None,
                  seed: int = 0, batch_size: int = 64, workers: int = 0, autocast: Callable | None = None,
-                 progress: bool | None = None, report: Callable[[str], None] = log.info):
-        self.encode, self.transform, self.device = encode, transform, device
+                 progress: bool | None = None, report: Callable[[str], None] = log.info,
+                 model_config: dict | None = None):
+        self.encode, self.transform, self.device, self.model_config = encode, transform, device, model_config
         self.model_name, self.checkpoint, self.cache_dir, self.extra = model_name, checkpoint, cache_dir, extra
         self.limit, self.seed, self.batch_size, self.workers = limit, seed, batch_size, workers
         self.autocast, self.progress, self.report = autocast, progress, report
@@ -327,7 +328,7 @@ class CachedFeaturizer:
         from .features import SafeDataset, cache_key, cached, extract_image_features
 
         ds = limit_dataset(ds, self.limit, self.seed)
-        key = cache_key(self.model_name, self.checkpoint, spec.name, role, str(root), self.extra)
+        key = cache_key(self.model_name, self.checkpoint, spec.name, role, str(root), self.extra, self.model_config)
         res, hit = cached(self.cache_dir, key, lambda: extract_image_features(
             self.encode, SafeDataset(ds, self.transform), self.device, batch_size=self.batch_size,
             workers=self.workers, autocast=self.autocast, progress=self.progress, desc=f"{spec.name}/{role}"))
