@@ -23,10 +23,9 @@ class CheckpointError(MsclipError):
     """A checkpoint file cannot be read or does not hold model weights."""
 
 
-def embedded_config(path: str | os.PathLike) -> dict | None:
-    """The model config msclip stores in its own weights files (safetensors metadata, a torch file's
-    `model_config`, train states included), or None; reads only the header where the format allows."""
-    path = Path(path)
+def _read(path: Path, tensors: bool, mmap: bool = False) -> tuple[Any, dict | None]:
+    """(safetensors: its tensors or {} / a torch file: its object, embedded config of a safetensors file).
+    Every unreadable file (missing, truncated, corrupt, not a checkpoint) is an error naming it."""
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -35,42 +34,38 @@ def embedded_config(path: str | os.PathLike) -> dict | None:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-        return json.loads(meta["msclip_config"]) if "msclip_config" in meta else None
+        return state, json.loads(meta["msclip_config"]) if "msclip_config" in meta else None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), None
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt or not a torch file?): "
                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def _torch_config(obj: Any) -> dict | None:
     config = obj.get("model_config") if isinstance(obj, dict) else None
     return config if isinstance(config, dict) else None
+
+
+def embedded_config(path: str | os.PathLike) -> dict | None:
+    """The model config msclip stores in its own weights files (safetensors metadata, a torch file's
+    `model_config`, train states included), or None; reads no tensor data (torch files are memory-mapped)."""
+    path = Path(path)
+    obj, config = _read(path, tensors=False, mmap=True)
+    return config if path.suffix == ".safetensors" else _torch_config(obj)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a weights file -> (flat state_dict, embedded model config or None)."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint not found: {path}")
+    obj, config = _read(path, tensors=True)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-        config = json.loads(meta["msclip_config"]) if "msclip_config" in meta else None
-        return state, config
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt or not a torch file?): "
-                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-    config = None
+        return obj, config
+    config = _torch_config(obj)
     if isinstance(obj, dict):
-        config = obj.get("model_config") if isinstance(obj.get("model_config"), dict) else None
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
