@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from shard_utils import write_tar
 from byte_tokenizer import byte_tokenize as tokenize, decode
 from msclip.data import COUNT_FIELDS, DataSpec, build_train_data
-from msclip.data.wds import count_samples
+from msclip.data.wds import NoUsableSamples, count_samples
 
 # random augmentation, so a replay only matches when the augmentation RNG is reproduced
 AUGMENT = T.Compose([T.RandomResizedCrop(16, scale=(0.3, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
@@ -210,7 +210,7 @@ def test_resampled_shards_without_a_usable_sample_stop_with_an_error(tmp_path: P
     spec = DataSpec("webdataset", path=f"{tmp_path}/shard-{{0..1}}.tar", num_samples=6, resampled=True)
     info = build(spec, workers=0)
     info.set_epoch(0)
-    with pytest.raises(RuntimeError, match="resampled shards gave no sample|no usable sample"):
+    with pytest.raises(NoUsableSamples, match=rf"{tmp_path}/shard-\d\.tar.*: no usable sample in .* of a data worker.s shards \((missing_caption|read_errors) \d+"):
         next(iter(info.loader))
 
 
@@ -240,3 +240,21 @@ def test_an_undecodable_image_says_why_without_the_buffer_address() -> None:
         with pytest.raises(UndecodableImage) as info:
             transform_image_file(transform, b"not an image at all", seed=0)
         assert str(info.value) == "UnidentifiedImageError: cannot identify image file"
+
+
+def test_no_usable_sample_from_a_worker_is_one_error_line(tmp_path: Path) -> None:
+    """Shards with nothing usable, read by DataLoader workers: the error comes back as NoUsableSamples (a user
+    error) and the CLI's message is its own line, without the worker's wrapped traceback."""
+    from msclip.cli import user_message
+
+    for s in range(2):
+        (tmp_path / f"shard-{s}.tar").write_bytes(b"not a tar file at all" * 40)
+    spec = DataSpec("webdataset", path=f"{tmp_path}/shard-{{0..1}}.tar", num_samples=6)
+    info = build(spec, workers=2)
+    info.set_epoch(0)
+    with pytest.raises(NoUsableSamples) as caught:
+        next(iter(info.loader))
+    assert "Original Traceback" in str(caught.value)  # how torch hands it back
+    message = user_message(caught.value)
+    assert message.startswith(f"{tmp_path}/shard-0.tar, {tmp_path}/shard-1.tar: no usable sample in 3 passes")
+    assert "\n" not in message and "Traceback" not in message

@@ -46,8 +46,19 @@ def run_guarded(command: str, fn: Callable[[argparse.Namespace], int | None], ar
     try:
         return int(fn(args) or 0)
     except USER_ERRORS as err:
-        print(f"msclip {command}: error: {err}", file=sys.stderr)
+        print(f"msclip {command}: error: {user_message(err)}", file=sys.stderr)
         return 2
+
+
+def user_message(err: BaseException) -> str:
+    """The error's message; one raised in a DataLoader worker comes back wrapped in the worker's traceback
+    ("Caught X in DataLoader worker process 0. Original Traceback ..."): only its own last line is kept."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from msclip.transforms import UndecodableImage
 from .common import (AUGMENT_SALT, COUNT_FIELDS, DataSpecError, SkipLogger, Tokenizer, Transform, counts_tensor,
                      mix_seed, pin_memory_default, transform_image_file)
 from .device_batch import DeviceDecoder, stack_images
-from .formats import WDS_IMAGE_KEYS, wds_captions
+from .formats import WDS_IMAGE_KEYS, DataFormatError, wds_captions
 from .mapstyle import loader_generator
 from .tars import ShardReadError, ShardTruncated, count_image_keys, iter_samples
 
@@ -76,6 +76,10 @@ def count_samples(urls: list[str]) -> int:
             log.warning("%s; counting its %d readable samples", problem, n)  # the problem names the shard
         total += n
     return total
+
+
+class NoUsableSamples(DataFormatError):
+    """A data worker's shards yield no usable sample at all; the message names the shards and the counts."""
 
 
 class _Counts:
@@ -154,14 +158,12 @@ class ShardStream(IterableDataset):
         for draw, (url, pass_index) in enumerate(self._shards(epoch, worker, num_workers)):
             if self.resampled:  # no passes to count there: a draw budget instead (see _stalled)
                 if barren_draws >= self._draw_budget():
-                    raise RuntimeError(f"a data worker's resampled shards gave no sample in {barren_draws} draws "
-                                       f"in a row (counts: {counts.counts})")
+                    raise self._no_usable(counts, f"{barren_draws} shard draws in a row")
                 barren_draws += 1
             if not url:  # end of a pass
                 empty_passes = 0 if got_any else empty_passes + 1
                 if empty_passes >= MAX_EMPTY_PASSES:
-                    raise RuntimeError(f"a data worker's shards gave no usable sample in {MAX_EMPTY_PASSES} "
-                                       f"passes (counts: {counts.counts})")
+                    raise self._no_usable(counts, f"{MAX_EMPTY_PASSES} passes")
                 got_any = False
                 yield None
                 continue
@@ -237,6 +239,12 @@ class ShardStream(IterableDataset):
         stand in for them, so a stream of only unusable samples stops with an error instead of spinning."""
         return MAX_EMPTY_PASSES * len(self.urls)
 
+    def _no_usable(self, counts: _Counts, span: str) -> NoUsableSamples:
+        shown = ", ".join(self.urls[:3]) + (f" and {len(self.urls) - 3} more" if len(self.urls) > 3 else "")
+        found = ", ".join(f"{k} {v}" for k, v in counts.counts.items() if v) or "nothing readable"
+        return NoUsableSamples(f"{shown}: no usable sample in {span} of a data worker's shards ({found}); every "
+                               "sample was unreadable or had no caption: the warnings above name the shards")
+
     def _stalled(self, sample: dict, last_usable: dict | None) -> bool:
         """No usable sample for MAX_EMPTY_PASSES passes (resampled: that many passes' worth of draws)."""
         if self.resampled:
@@ -257,9 +265,8 @@ class ShardStream(IterableDataset):
                 got = self._transformed(sample, counts, mix_seed(stream_seed, position, AUGMENT_SALT))
                 if got is None:
                     if self._stalled(sample, last_usable):
-                        raise RuntimeError(f"a data worker's shards gave no usable sample in {MAX_EMPTY_PASSES} "
-                                           f"{'rounds of shard draws' if self.resampled else 'passes'} "
-                                           f"(counts: {counts.counts})")
+                        raise self._no_usable(counts, f"{MAX_EMPTY_PASSES} "
+                                              f"{'rounds of shard draws' if self.resampled else 'passes'}")
                     continue
                 last_usable = sample
                 if sample["__pass__"] > 0:
