@@ -39,6 +39,10 @@ class TooFewSamples(MsclipError):
     """Fewer usable images or captions than the statistics need; the message gives both counts."""
 
 
+class AnalysisInputError(MsclipError):
+    """An analysis option the model or the data cannot satisfy (a layer or head it lacks, a negative count)."""
+
+
 @dataclass
 class AnalysisInputs:
     paths: list[str]
@@ -48,6 +52,8 @@ class AnalysisInputs:
 
 def read_inputs(images: str, texts: str, max_samples: int | None = None) -> AnalysisInputs:
     """Image paths (a folder, searched recursively, or a file listing paths) and captions (one per line)."""
+    if max_samples is not None and max_samples < 1:
+        raise AnalysisInputError(f"max_samples must be >= 1, got {max_samples}")
     p = Path(images)
     if p.is_dir():
         paths = scan_images(p)
@@ -64,6 +70,19 @@ def read_inputs(images: str, texts: str, max_samples: int | None = None) -> Anal
     inputs = AnalysisInputs(paths[:max_samples], kept[:max_samples], blank)
     check_counts(len(inputs.paths), len(inputs.texts), "given")
     return inputs
+
+
+def check_attention_choice(model: Any, layers: Sequence[int], heads: Sequence[int] | None, samples: int) -> None:
+    """Layers and heads the model has, and a sample count >= 0, checked before the pass over the images."""
+    n_trunk, n_heads = len(model.trunk.blocks), min(model.cfg.vision.heads, model.cfg.text.heads)
+    problems = [f"attention layer {la} is not in the trunk's layers 0..{n_trunk - 1}" for la in layers
+                if not 0 <= la < n_trunk]
+    problems += [f"attention head {h} is not in the model's heads 0..{n_heads - 1}" for h in heads or ()
+                 if not 0 <= h < n_heads]
+    if samples < 0:
+        problems.append(f"attention samples must be >= 0, got {samples}")
+    if problems:
+        raise AnalysisInputError("; ".join(problems))
 
 
 def check_counts(n_images: int, n_texts: int, what: str) -> None:
@@ -121,6 +140,7 @@ def analyze(model: Any, tokenizer: Any, inputs: AnalysisInputs, out_dir: str | P
     out_dir = Path(out_dir)
     n_trunk = len(model.trunk.blocks)
     attn_layers = sorted(set(attn_layers if attn_layers is not None else [0, n_trunk // 2, n_trunk - 1]))
+    check_attention_choice(model, attn_layers, attn_heads, attn_samples)
     run = _Pass(model, attn_layers)
     feats = extract_image_features(run.encode_image, SafeDataset(ImageSource(inputs.paths), eval_transform(model)),
                                    device, batch_size=batch_size, workers=workers, progress=progress, desc="images",

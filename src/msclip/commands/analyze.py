@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from msclip.commands._common import add_model_arguments, check_sizes, pick_device, progress_flag, run_main
+from msclip.commands._common import (UsageError, add_model_arguments, check_sizes, pick_device, progress_flag,
+                                    run_main)
 
 NAME = "analyze"
 HELP = "modality gap, per-layer modality NMI and attention maps for a checkpoint"
@@ -43,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from msclip.eval.loading import load_model, model_report, resolve_checkpoint
 
     check_sizes(args)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UsageError("--max-samples must be >= 1")
+    if args.attn_samples < 0:
+        raise UsageError("--attn-samples must be >= 0")
     inputs = read_inputs(args.images, args.texts, args.max_samples)
     if inputs.blank_lines:
         print(f"dropped {len(inputs.blank_lines)} blank caption line(s) of {args.texts}: "

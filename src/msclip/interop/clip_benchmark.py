@@ -73,8 +73,9 @@ def load_msclip(model_name: str, pretrained: str | None = None, cache_dir: str |
         raise ClipBenchmarkError(f"msclip loader: precision must be one of {sorted(_DTYPES)}, got {precision!r}")
     spec, weights = resolve(model_name, pretrained)
     dev = pick_device(str(device))
-    model = load_model(spec, resolve_checkpoint(spec, weights), dev, precision)
-    log.info("msclip loader: %s (%s) from %s on %s", model_name, model.cfg.name, weights or "random weights", dev)
+    checkpoint = resolve_checkpoint(spec, weights)  # a folder's or weights file's own weights when none given
+    model = load_model(spec, checkpoint, dev, precision)
+    log.info("msclip loader: %s (%s) from %s on %s", model_name, model.cfg.name, checkpoint or "random weights", dev)
     return model, eval_transform(model), get_tokenizer(model.cfg)
 
 
