@@ -24,7 +24,7 @@ from msclip.data.common import call_seeded
 from msclip.data.device_batch import images_to_model_input
 from msclip.data.formats import DataFormatError, is_image_file, read_idx, wds_captions
 from msclip.data.mapstyle import CsvCaptions
-from msclip.data.wds import count_samples
+from msclip.data.wds import NoUsableSamples, count_samples
 from msclip.errors import MissingFileError
 from msclip.transforms import TrainTransform, image_transform
 from shard_utils import write_tar
@@ -209,7 +209,7 @@ def test_shards_without_a_usable_sample_stop_with_an_error(tmp_path: Path, fault
     info = build(DataSpec("webdataset", path=f"{tmp_path}/s{{0..1}}.tar", num_samples=6))
     info.set_epoch(0)
     counter = "missing_caption" if fault == "no_caption" else "read_errors"
-    with pytest.raises(RuntimeError, match=f"no usable sample in 3 passes.*'{counter}': [1-9]"):
+    with pytest.raises(NoUsableSamples, match=rf"no usable sample in 3 passes.*\({counter} [1-9]"):
         next(iter(info.loader))
 
 
