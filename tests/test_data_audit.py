@@ -438,9 +438,6 @@ def test_float_batches_are_not_normalised_again() -> None:
 
 
 # --- bugs found by this audit (xfail until fixed) -----------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: load_fashion_mnist accepts labels outside 0..9; the batch path then "
-                   "captions such an image with another template's class (row template*10+label), the per-image "
-                   "path fails with a bare IndexError naming no file")
 def test_fashion_mnist_labels_outside_the_ten_classes_are_an_error_naming_the_file(tmp_path: Path) -> None:
     """A labels file with a value outside 0..9 is a DataFormatError naming it, not a wrong caption."""
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx(np.zeros((4, 28, 28), np.uint8))))

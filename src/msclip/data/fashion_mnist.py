@@ -81,6 +81,10 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     labels = _read(base / lbl_name, 1).astype(np.int64)
     if len(images) != len(labels):
         raise DataFormatError(f"{base}: {len(images)} images but {len(labels)} labels for split {split}")
+    bad = np.flatnonzero(labels >= len(FASHION_MNIST_CLASSNAMES))  # uint8: never negative
+    if bad.size:
+        raise DataFormatError(f"{base / lbl_name}: label {int(labels[bad[0]])} at index {int(bad[0])} is not one of "
+                              f"the {len(FASHION_MNIST_CLASSNAMES)} classes ({bad.size} such labels)")
     return images, labels
 
 
