@@ -135,3 +135,22 @@ def test_retrieval_html_leaves_the_results_unchanged(tmp_path, one_thread):
     page = (tmp_path / "g.html").read_text()
     assert page.count('<div class="row">') == 4 and page.count('<div class="score">') == 12
     assert page.count("worst: own image at rank") == 2 and page.count("best: own image at rank") == 2
+
+
+def test_blip_lavis_record_lists_are_read_and_bad_json_names_the_file(tmp_path):
+    """The BLIP / LAVIS annotation list (coco_karpathy_test.json: {"image", "caption": str or list} records) is
+    read with one row per image in first-seen order and blank captions dropped; a JSON of neither layout, or a
+    malformed record, is an AnnotationError naming the file (and the record), never a TypeError."""
+    from msclip.eval.retrieval import AnnotationError, read_annotations
+
+    ann = tmp_path / "coco_karpathy_test.json"
+    ann.write_text(json.dumps([{"image": "val/a.jpg", "caption": ["a cat", "  "]}, {"image": "val/b.jpg",
+                               "caption": "a dog"}, {"image": "val/a.jpg", "caption": "a small cat"}]))
+    rs = read_annotations(str(ann), str(tmp_path))
+    assert rs.images == [str(tmp_path / "val/a.jpg"), str(tmp_path / "val/b.jpg")]
+    assert rs.captions == ["a cat", "a dog", "a small cat"] and rs.caption_image == [0, 1, 0]
+    for bad, where in (({"images": 3}, "neither a Karpathy-split file"), ([{"file": "c.jpg"}], r"record \[0\]"),
+                       ({"images": [{"split": "test"}]}, r"images\[0\] has no 'filename'")):
+        ann.write_text(json.dumps(bad))
+        with pytest.raises(AnnotationError, match=rf"{ann.name}: .*{where}|{ann.name}: {where}"):
+            read_annotations(str(ann), str(tmp_path))

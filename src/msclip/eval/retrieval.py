@@ -39,16 +39,24 @@ class RetrievalSet:
 
 # ------------------------------------------------------------------------- readers
 def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split: str = "test") -> RetrievalSet:
-    """Karpathy-split JSON (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json)."""
+    """Retrieval JSON: Karpathy-split (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json: the
+    images of `split`), or the BLIP / LAVIS list of {"image", "caption": str or list} records
+    (coco_karpathy_test.json, flickr30k_test.json: one split per file, so `split` does not apply)."""
     data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    if "images" not in data:
-        raise AnnotationError(f"{path}: not a Karpathy-split file (no 'images' list)")
+    if isinstance(data, list):
+        return _read_record_list(path, data, images_root)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise AnnotationError(f"{path}: neither a Karpathy-split file (an object with an 'images' list) nor a "
+                              "list of {\"image\", \"caption\"} records (BLIP / LAVIS)")
     images, captions, owner = [], [], []
-    for rec in data["images"]:
+    for n, rec in enumerate(data["images"]):
+        if not isinstance(rec, dict) or not isinstance(rec.get("filename"), str):
+            raise AnnotationError(f"{path}: images[{n}] has no 'filename'")
         if split != "all" and rec.get("split") != split:
             continue
-        sents = [s.get("raw") or " ".join(s.get("tokens", [])) for s in rec.get("sentences", [])]
-        sents = [s for s in sents if s]
+        sents = [s.get("raw") or " ".join(s.get("tokens", [])) for s in rec.get("sentences", [])
+                 if isinstance(s, dict)]
+        sents = [s for s in sents if s.strip()]
         if not sents:
             continue
         images.append(str(Path(images_root) / rec.get("filepath", "") / rec["filename"]))
@@ -56,9 +64,30 @@ def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
             captions.append(s)
             owner.append(len(images) - 1)
     if not images:
-        splits = sorted({r.get("split", "?") for r in data["images"]})
+        splits = sorted({str(r.get("split", "?")) for r in data["images"]})
         raise AnnotationError(f"{path}: no image with captions in split {split!r} (splits present: {splits})")
     return RetrievalSet(images, captions, owner, "karpathy")
+
+
+def _read_record_list(path: str | os.PathLike, data: list, images_root: str | os.PathLike) -> RetrievalSet:
+    """BLIP / LAVIS records; several records may name one image (kept once, in first-seen order)."""
+    index: dict[str, int] = {}
+    images, captions, owner = [], [], []
+    for n, rec in enumerate(data):
+        caps = rec.get("caption") if isinstance(rec, dict) else None
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or caps is None:
+            raise AnnotationError(f"{path}: record [{n}] is not an {{\"image\": ..., \"caption\": ...}} object")
+        caps = [c.strip() for c in ([caps] if isinstance(caps, str) else caps) if isinstance(c, str) and c.strip()]
+        if not caps:
+            continue
+        if rec["image"] not in index:
+            index[rec["image"]] = len(images)
+            images.append(str(Path(images_root) / rec["image"]))
+        captions += caps
+        owner += [index[rec["image"]]] * len(caps)
+    if not images:
+        raise AnnotationError(f"{path}: no record with an image and a caption")
+    return RetrievalSet(images, captions, owner, "records")
 
 
 def read_csv_pairs(path: str | os.PathLike, images_root: str | os.PathLike | None = None,
@@ -66,7 +95,7 @@ def read_csv_pairs(path: str | os.PathLike, images_root: str | os.PathLike | Non
     """CSV/TSV of (image, caption) rows; several rows may share one image (kept in first-seen order)."""
     path = Path(path)
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=sep)
         cols = reader.fieldnames or []
         ik = image_key or next((c for c in ("image", "filepath", "filename", "file", "path") if c in cols), None)
@@ -117,7 +146,7 @@ def read_annotations(annotations: str, images_root: str | None = None, split: st
         return read_wds_pairs(p)
     if p.suffix.lower() == ".json":
         if images_root is None:
-            raise AnnotationError("Karpathy JSON annotations need --images ROOT")
+            raise AnnotationError("JSON annotations need --images ROOT")
         return read_karpathy(p, images_root, split)
     return read_csv_pairs(p, images_root, image_key, caption_key)
 
