@@ -212,6 +212,17 @@ def test_cli_report_on_photos(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "top-1" in stdout and "broken.png" in stdout and "camera man" in stdout
     assert [f.name for f in out.parent.iterdir()] == ["result.json"]  # the atomic write left no temp file
+    assert "top-1" in stdout and "top-5" in stdout
+
+
+def test_cli_report_on_one_class_shows_top_1_once(tmp_path, capsys):
+    """With one class top-k is clamped to 1: the summary line shows top-1 once, not "top-1 ... top-1"."""
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (200, 120, 40)).save(tmp_path / "data" / "cat" / "a.png")
+    assert zs_cmd.main(["--model", "clip-b32-tiny", "--data", str(tmp_path / "data"), "--templates", "simple",
+                        "--workers", "0", "--device", "cpu", "--output", str(tmp_path / "r.json")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("top-1"))
+    assert line.count("top-") == 1 and "mean per-class recall" in line
 
 
 def test_cli_imagenet_folder_and_checkpoint(tmp_path):

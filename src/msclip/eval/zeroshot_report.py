@@ -76,8 +76,9 @@ def format_report(report: dict, max_classes: int = 20) -> str:
         f"(names: {report['data']['class_names_source']}), templates {report['templates']['name']} "
         f"({report['templates']['count']})",
         f"images {report['images_scored']} scored, {report['skipped_count']} skipped",
-        f"top-1 {_pct(report['top1_pct'])} %   top-{report['top5_k']} {_pct(report['top5_pct'])} %   "
-        f"mean per-class recall {_pct(report['mean_per_class_recall_pct'])} %",
+        f"top-1 {_pct(report['top1_pct'])} %   "
+        + (f"top-{report['top5_k']} {_pct(report['top5_pct'])} %   " if report["top5_k"] > 1 else "")
+        + f"mean per-class recall {_pct(report['mean_per_class_recall_pct'])} %",
         f"throughput {tm['images_per_second'] or 0:.1f} img/s end to end "
         f"(class embeddings {tm['class_embedding_seconds']:.1f} s, images {tm['image_seconds']:.1f} s)",
     ]
