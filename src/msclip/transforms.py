@@ -81,9 +81,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return to_8bit(image).convert("RGB")
 
 
-_to_rgb = to_rgb  # the eval transforms' last step before ToTensor
-
-
 def image_transform(cfg: PreprocessCfg, image_size: int, is_train: bool) -> T.Compose | TrainTransform:
     """Eval: resize (shorter side, or squash) + centre crop; train: random resized crop as in CLIP."""
     if is_train:
@@ -93,7 +90,7 @@ def image_transform(cfg: PreprocessCfg, image_size: int, is_train: bool) -> T.Co
         steps = [T.Resize((image_size, image_size), interpolation=interp)]
     else:
         steps = [T.Resize(image_size, interpolation=interp), T.CenterCrop(image_size)]
-    return T.Compose(steps + [_to_rgb, T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)])
+    return T.Compose(steps + [to_rgb, T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)])
 
 
 @dataclass
@@ -137,7 +134,7 @@ class TrainTransform:
         self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
         self.reference = T.Compose([
             T.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio, interpolation=_INTERP[cfg.interpolation]),
-            _to_rgb, T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)])
+            to_rgb, T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)])
 
     def __repr__(self) -> str:
         return f"TrainTransform(size={self.size}, scale={self.scale}, interpolation={self.interpolation!r})"
@@ -179,7 +176,7 @@ class TrainTransform:
             img = img.convert("RGB")
         region = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
         out = img.resize((self.size, self.size), _PIL_RESAMPLE[self.interpolation], box=region)
-        out = _to_rgb(out)  # grey is replicated after the resize: 3x less to resample
+        out = to_rgb(out)  # grey is replicated after the resize: 3x less to resample
         return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
 
     # --- decoding on the device ---------------------------------------------------------------------------
