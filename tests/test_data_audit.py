@@ -446,8 +446,6 @@ def test_fashion_mnist_labels_outside_the_ten_classes_are_an_error_naming_the_fi
         fm.load_fashion_mnist("test", tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: webdataset dropped_partial is expected - delivered, so a skipped "
-                   "sample that the epoch did read is counted twice (skipped_decode and dropped_partial)")
 def test_webdataset_skipped_sample_is_not_also_counted_as_a_dropped_remainder(tmp_path: Path) -> None:
     """7 samples (1 corrupt) in batches of 3: the 6 good ones all arrive, so nothing is a dropped remainder;
     the corrupt sample lands in skipped_decode only (each problem in exactly one count)."""
@@ -457,3 +455,21 @@ def test_webdataset_skipped_sample_is_not_also_counted_as_a_dropped_remainder(tm
     info = build(DataSpec("webdataset", path=str(tmp_path / "a.tar"), shuffle_buffer=0))
     assert sorted(captions_of(epoch(info))) == [f"c{i}" for i in range(1, 7)]
     assert info.stats.as_dict() == {**ZERO, "seen": 6, "skipped_decode": 1}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_remainder_is_counted_per_worker_stream(tmp_path: Path, workers: int) -> None:
+    """Two shards of 7 in batches of 3. With 2 workers (2 batches each), one shard is clean: its stream leaves
+    1 sample unread (dropped_partial 1); the other has 3 corrupt samples: its stream reads all 7 (3 skipped)
+    and re-reads 2 (shortfall 2), dropping nothing. A static expected - delivered would say 14 - 12 = 2.
+    With one stream over both shards (4 batches), its 11 usable samples are all read and 1 is re-read."""
+    clean = [m for i in range(7) for m in ((f"a{i}.png", png()), (f"a{i}.txt", f"a{i}".encode()))]
+    bad = [m for i in range(7) for m in ((f"b{i}.png", b"junk" if i < 3 else png()), (f"b{i}.txt", f"b{i}".encode()))]
+    write_tar(tmp_path / "a.tar", clean)
+    write_tar(tmp_path / "b.tar", bad)
+    info = build(DataSpec("webdataset", path=str(tmp_path / "{a,b}.tar"), shuffle_buffer=0), workers=workers)
+    epoch(info)
+    one_stream = {"shortfall": 1, "dropped_partial": 0}  # 11 usable for 12: all read, 1 re-read
+    two_streams = {"shortfall": 2, "dropped_partial": 1}
+    assert info.stats.as_dict() == {**ZERO, "seen": 12, "skipped_decode": 3,
+                                    **(one_stream if workers == 0 else two_streams)}

@@ -34,7 +34,8 @@ def build_train_data(spec: DataSpec, *, image_transform: Transform, tokenizer: T
         loader, num_batches, num_samples, details = build_wds(
             spec, image_transform=image_transform, tokenizer=tokenizer, batch_size=batch_size, workers=workers,
             rank=rank, world_size=world_size, seed=seed, epoch_value=epoch_value)
-        dropped = _epoch_dropped(details["expected_samples"], num_samples, rank)
+        dropped = 0 if details["workers_count_dropped"] else _epoch_dropped(details["expected_samples"],
+                                                                            num_samples, rank)
         return DataInfo(CountingLoader(loader, num_batches, stats, dropped), num_samples, num_batches, stats,
                         epoch_value=epoch_value, kind=spec.kind, details=details)
 

@@ -63,19 +63,24 @@ def expand_shards(path: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples (distinct keys with an image file) in local shards, from the tar headers. A damaged or cut
+def shard_sizes(urls: list[str]) -> dict[str, int]:
+    """Samples (distinct keys with an image file) per local shard, from the tar headers. A damaged or cut
     shard is counted up to the damage, with a warning naming it (training then counts it as it reads)."""
     remote = [u for u in urls if not is_local(u)]
     if remote:
         raise DataSpecError(f"num_samples is required for remote/pipe shards such as {remote[0]!r}")
-    total = 0
+    sizes = {}
     for url in urls:
         n, problem = count_image_keys(_local_path(url))
         if problem:
             log.warning("%s; counting its %d readable samples", problem, n)  # the problem names the shard
-        total += n
-    return total
+        sizes[url] = sizes.get(url, 0) + n
+    return sizes
+
+
+def count_samples(urls: list[str]) -> int:
+    """The samples of ``shard_sizes``, summed."""
+    return sum(shard_sizes(urls).values())
 
 
 class NoUsableSamples(DataFormatError):
@@ -123,8 +128,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, epoch_value: Any, seed: int, rank: int, world_size: int,
                  resampled: bool, shuffle_buffer: int, batches_per_worker: int, batch_size: int,
-                 transform: Transform, tokenizer: Tokenizer, decode: str = "cpu") -> None:
+                 transform: Transform, tokenizer: Tokenizer, decode: str = "cpu",
+                 sizes: dict[str, int] | None = None) -> None:
         self.urls, self.epoch_value, self.seed = urls, epoch_value, seed
+        self.sizes = sizes  # samples per shard when counted: each worker then reports its own remainder
         self.rank, self.world_size, self.resampled = rank, world_size, resampled
         self.shuffle_buffer, self.batches_per_worker, self.batch_size = shuffle_buffer, batches_per_worker, batch_size
         self.transform, self.tokenizer, self.decode = transform, tokenizer, decode
@@ -136,11 +143,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(mix_seed(self.seed, epoch, self.rank, worker))
             while True:
                 yield rng.choice(self.urls), 0
-        urls = list(self.urls)
-        random.Random(mix_seed(self.seed, epoch)).shuffle(urls)  # identical on all ranks: a partition
-        # Split by node, then by worker (not wds.split_by_*: those read RANK/WORKER from the environment,
-        # which would override the explicit rank given here).
-        mine = urls[self.rank::self.world_size][worker::num_workers]
+        mine = self._my_shards(epoch, worker, num_workers)
         pass_index = 0
         while True:
             order = list(mine)
@@ -150,6 +153,13 @@ class ShardStream(IterableDataset):
                 yield url, pass_index
             yield "", pass_index
             pass_index += 1
+
+    def _my_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        urls = list(self.urls)
+        random.Random(mix_seed(self.seed, epoch)).shuffle(urls)  # identical on all ranks: a partition
+        # Split by node, then by worker (not wds.split_by_*: those read RANK/WORKER from the environment,
+        # which would override the explicit rank given here).
+        return urls[self.rank::self.world_size][worker::num_workers]
 
     def _raw_samples(self, epoch: int, worker: int, num_workers: int, counts: _Counts) -> Iterator[dict | None]:
         """Raw samples; ``None`` after each pass (the shuffle buffer empties there)."""
@@ -229,7 +239,10 @@ class ShardStream(IterableDataset):
         raw = self._raw_samples(epoch, worker, num_workers, counts)
         samples = self._shuffled(raw, random.Random(mix_seed(stream_seed, _SHUFFLE_SALT)))
         try:
-            yield from self._batches(samples, counts, stream_seed)
+            share = None
+            if self.sizes is not None:
+                share = sum(self.sizes.get(u, 0) for u in self._my_shards(epoch, worker, num_workers))
+            yield from self._batches(samples, counts, stream_seed, share)
         finally:  # close the open shard now, not when the generator is collected
             samples.close()
             raw.close()
@@ -251,17 +264,23 @@ class ShardStream(IterableDataset):
             return sample["__draw__"] - (last_usable["__draw__"] if last_usable else 0) >= self._draw_budget()
         return sample["__pass__"] - (last_usable["__pass__"] if last_usable else 0) >= MAX_EMPTY_PASSES
 
-    def _batches(self, samples: Iterator[dict], counts: _Counts, stream_seed: int
+    def _batches(self, samples: Iterator[dict], counts: _Counts, stream_seed: int, share: int | None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
+        """``share``: the samples of this worker's shards (None: not counted); what its first pass leaves
+        unread is added to ``dropped_partial`` with the last batch. Samples it read and skipped are counted
+        as skips only, so each sample lands in exactly one count."""
         position = 0  # samples delivered by this worker in this epoch: the augmentation seed
+        first_pass_read = 0  # samples with an image member taken from the first pass (delivered or skipped)
         last_usable: dict | None = None
-        for _ in range(self.batches_per_worker):
+        for batch_index in range(self.batches_per_worker):
             images: list[torch.Tensor] = []
             captions: list[str] = []
             while len(images) < self.batch_size:
                 sample = next(samples, None)
                 if sample is None:
                     raise RuntimeError("a data worker's sample stream ended early")  # not reached: passes repeat
+                if sample["__pass__"] == 0 and any(e in sample for e in WDS_IMAGE_KEYS):
+                    first_pass_read += 1
                 got = self._transformed(sample, counts, mix_seed(stream_seed, position, AUGMENT_SALT))
                 if got is None:
                     if self._stalled(sample, last_usable):
@@ -274,6 +293,8 @@ class ShardStream(IterableDataset):
                 images.append(got[0])
                 captions.append(got[1])
                 position += 1
+            if share is not None and batch_index == self.batches_per_worker - 1:
+                counts.counts["dropped_partial"] += max(0, share - first_pass_read)
             delta, problems = counts.take()
             yield stack_images(images), self.tokenizer(captions), delta, problems
 
@@ -293,6 +314,7 @@ def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, ba
     urls = expand_shards(spec.path)
     n_workers = max(workers, 1)
     streams = world_size * n_workers
+    sizes: dict[str, int] | None = None
     if spec.resampled:
         total = spec.num_samples
         per_worker = math.ceil(spec.num_samples / (batch_size * streams))
@@ -301,7 +323,8 @@ def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, ba
             raise DataSpecError(f"{spec.path}: {len(urls)} shard(s) for {world_size} rank(s) x {n_workers} "
                                 "worker(s); each needs at least one shard (use more shards, fewer workers, or "
                                 "resampled=True)")
-        total = spec.num_samples or count_samples(urls)
+        sizes = None if spec.num_samples else shard_sizes(urls)
+        total = spec.num_samples or sum(sizes.values())
         per_worker = total // (batch_size * streams)
     if per_worker < 1:
         what = f"num_samples={spec.num_samples}" if spec.num_samples else "the samples in the shards"
@@ -310,13 +333,16 @@ def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, ba
     dataset = ShardStream(urls, epoch_value=epoch_value, seed=seed, rank=rank, world_size=world_size,
                           resampled=spec.resampled, shuffle_buffer=spec.shuffle_buffer,
                           batches_per_worker=per_worker, batch_size=batch_size, transform=image_transform,
-                          tokenizer=tokenizer, decode=spec.decode)
+                          tokenizer=tokenizer, decode=spec.decode, sizes=sizes)
     loader: Any = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                              persistent_workers=workers > 0, pin_memory=pin_memory_default(),
                              generator=loader_generator(seed, rank))
     if spec.decode == "gpu":
         loader = DeviceDecoder(loader, device_transform(image_transform, spec.path))
     num_batches = per_worker * n_workers
-    details = {"shards": len(urls), "batches_per_worker": per_worker, "expected_samples": total}
+    # Counted shards: each worker reports what it leaves unread; declared or resampled sizes: the static
+    # remainder (expected - delivered), which cannot tell a skipped sample from an unread one.
+    details = {"shards": len(urls), "batches_per_worker": per_worker, "expected_samples": total,
+               "workers_count_dropped": sizes is not None}
     log.info("webdataset %s: %d shards, %d batches/rank/epoch", spec.path, len(urls), num_batches)
     return loader, num_batches, num_batches * batch_size * world_size, details
