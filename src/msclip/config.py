@@ -216,6 +216,9 @@ class ModelCfg:
             strides = self.stem_strides()
             if len(strides) != 4 or any(s not in (1, 2) for s in strides):
                 fail(f"vision.stem_strides must be 4 values of 1 or 2, got {strides}")
+            if 2 * math.prod(strides) != v.patch_size:  # conv1's stride 2 times the stages' make one patch
+                fail(f"vision.stem_strides={strides} give patches of {2 * math.prod(strides)} px (2 x their "
+                     f"product), but vision.patch_size={v.patch_size}")
             if v.layers < 2:
                 fail("vision.layers must be >= 2 with the conv stem (slot 0 is the stem)")
         elif v.image_size % v.patch_size:

@@ -155,7 +155,7 @@ def from_official(external: dict[str, torch.Tensor], model_state: dict[str, torc
                 continue
             values.append(external[name])
         if len(values) == len(names) and values:
-            if any(not torch.equal(values[0], v) for v in values[1:]):
+            if any(not _same(values[0], v) for v in values[1:]):
                 disagree.append(" / ".join(names))
             out[key] = values[0]
     unexpected = sorted(k for k in external if k not in used and k not in _IGNORED_EXTERNAL)
@@ -163,6 +163,14 @@ def from_official(external: dict[str, torch.Tensor], model_state: dict[str, torc
                                       ("wrong shapes or types", wrong_shape),
                                       ("aliased copies of a shared tensor disagree", disagree)])
     return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (a diverged run's shared tensor is still one tensor)."""
+    if torch.equal(a, b):
+        return True
+    return (a.is_floating_point() and a.shape == b.shape and a.dtype == b.dtype
+            and torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
 
 
 def looks_official(state: dict) -> bool:

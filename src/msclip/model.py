@@ -13,10 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelCfg
+from .errors import MsclipError
 from .layers import LayerNorm
 from .parallel import ParallelBranch
 from .stems import ConvStem, PatchEmbed
 from .trunk import BeforeBlockHook, Trunk
+
+
+class ModelInputError(MsclipError):
+    """Images or tokens of a shape the model cannot take (the message names the expected one)."""
 
 
 class ImageTower(nn.Module):
@@ -31,6 +36,7 @@ class ImageTower(nn.Module):
         else:
             self.stem = PatchEmbed(d, v.patch_size)
         grid = cfg.grid_size()
+        self.image_size = v.image_size
         self.class_embedding = nn.Parameter(torch.zeros(d))
         self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, d))
         self.ln_pre = LayerNorm(d, eps=cfg.norm_eps)
@@ -45,6 +51,9 @@ class ImageTower(nn.Module):
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, BeforeBlockHook | None]:
         """Images -> trunk input tokens [B, 1 + h*w, D] and the parallel branch's lateral hook (None
         without a branch)."""
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.image_size,) * 2:
+            raise ModelInputError(f"images of shape {list(images.shape)}: this model takes [B, 3, "
+                                  f"{self.image_size}, {self.image_size}] (vision.image_size={self.image_size})")
         pair = None
         if self.parallel is not None and isinstance(self.stem, ConvStem):
             # The branch's first conv reads the images too: it runs inside the stem's first conv.
@@ -76,6 +85,10 @@ class TextTower(nn.Module):
         self.proj = nn.Parameter(torch.zeros(t.width, cfg.embed_dim))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        context = self.positional_embedding.shape[0]
+        if tokens.dim() != 2 or tokens.shape[1] > context:
+            raise ModelInputError(f"tokens of shape {list(tokens.shape)}: this model takes [B, L] with L <= "
+                                  f"text.context_length={context} (tokenize with the model's tokenizer)")
         x = self.token_embedding(tokens)
         return x + self.positional_embedding[: tokens.shape[1]].to(x.dtype)
 
@@ -118,6 +131,8 @@ class MSCLIP(nn.Module):
         Cut to the longest caption itself, not rounded up: compiled graphs mark the length dynamic (one
         graph for all lengths), and rounding to 8 cost the tiny models' training step 4 % on CPU.
         """
+        if tokens.shape[0] == 0:  # an empty batch has no longest caption
+            return tokens
         return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
 
     def _text_tokens(self, tokens: torch.Tensor, collect: dict | None = None,

@@ -121,6 +121,43 @@ def read_merged_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     return _merge(merged, {k: v for k, v in data.items() if k != "BASE"})
 
 
+# Values the translation converts, with their type: a mistyped one is named here, not left to a bare
+# TypeError further down. "int": an integer (not a bool); "ints": a list of them; "numbers": floats or ints.
+_VALUE_TYPES: dict[str, str] = {
+    "TRAIN": "mapping", "TEST": "mapping", "INPUT": "mapping",
+    "TRAIN.IMAGE_SIZE": "ints", "INPUT.MEAN": "numbers", "INPUT.STD": "numbers",
+    "MODEL.SPEC.EMBED_DIM": "int",
+    **{f"MODEL.SPEC.VISION.{k}": "int" for k in ("PATCH_SIZE", "WIDTH", "LAYERS")},
+    **{f"MODEL.SPEC.TEXT.{k}": "int" for k in ("CONTEXT_LENGTH", "VOCAB_SIZE", "WIDTH", "HEADS", "LAYERS")},
+    **{f"CUSTOM.{k}": "int" for k in ("N_LAYERS", "PARALLEL_N_LAYERS", "EARLY_CONV_RES_FIRSTCONV_KERNEL")},
+    **{f"CUSTOM.{k}": "ints" for k, v in _CUSTOM_DEFAULTS.items() if isinstance(v, list) and k != "SHARE_MODULES"},
+}
+
+
+def _type_problems(raw: dict) -> list[str]:
+    problems = []
+    for dotted, kind in _VALUE_TYPES.items():
+        value: Any = raw
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if kind == "mapping":
+            ok = isinstance(value, dict)
+        elif kind == "int":
+            ok = is_int
+        else:
+            allowed = (int,) if kind == "ints" else (int, float)
+            ok = isinstance(value, list) and bool(value) and all(
+                isinstance(v, allowed) and not isinstance(v, bool) for v in value)
+        if not ok:
+            want = {"mapping": "a mapping", "int": "an integer", "ints": "a list of integers",
+                    "numbers": "a list of numbers"}[kind]
+            problems.append(f"{dotted} must be {want}, got {value!r}")
+    return problems
+
+
 def _unknown_keys(section: Any, allowed: set[str], where: str) -> list[str]:
     """Problems with one section of an official yaml: not a mapping, or keys the official code lacks."""
     if not isinstance(section, dict):
@@ -143,6 +180,7 @@ def _check_sections(raw: dict, source: str) -> None:
         problems += _unknown_keys(spec.get("TEXT") or {}, _TEXT_KEYS, "MODEL.SPEC.TEXT")
     given = raw.get("CUSTOM") or {}
     problems += _custom_problems(given) if isinstance(given, dict) else ["CUSTOM must be a mapping"]
+    problems += _type_problems(raw)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
