@@ -19,7 +19,9 @@ from .errors import MsclipError
 from .train.stop import stop_with_parent_from_env
 from .version import __version__
 
-USER_ERRORS = (MsclipError, FileNotFoundError)
+# OSErrors about a path the user gave (its message names it): a folder where a file belongs, or no permission.
+USER_ERRORS = (MsclipError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def _command_modules() -> list[ModuleType]:
@@ -42,12 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_guarded(command: str, fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a command; a user error becomes one `msclip <cmd>: error: ...` line and exit code 2."""
+    """Run a command; a user error becomes one `msclip <cmd>: error: ...` line and exit code 2, Ctrl-C one
+    line and 130 (training handles its own Ctrl-C: it checkpoints first)."""
     try:
         return int(fn(args) or 0)
     except USER_ERRORS as err:
         print(f"msclip {command}: error: {user_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"msclip {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def user_message(err: BaseException) -> str:

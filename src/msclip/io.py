@@ -24,6 +24,24 @@ class WriteError(MsclipError):
     """A file could not be written; the message names it (and says so when the disk is full)."""
 
 
+def read_user_text(path: str | os.PathLike, what: str, error: type[Exception] = MsclipError) -> str:
+    """A text file the user named, as UTF-8 (a leading BOM dropped). Missing -> MissingFileError; a folder,
+    an unreadable file or bytes that are not UTF-8 -> ``error``; each message names ``what`` and the file."""
+    from .errors import MissingFileError
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise error(f"{what} {str(path)!r} is a folder, not a file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise error(f"{what} {str(path)!r} cannot be read as UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise error(f"{what} {str(path)!r} cannot be read ({err.strerror or err})") from None
+
+
 def _umask_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)

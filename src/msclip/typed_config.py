@@ -25,6 +25,7 @@ from typing import Any, Union
 import yaml
 
 from msclip.errors import MsclipError
+from msclip.io import read_user_text
 
 T = typing.TypeVar("T")
 
@@ -327,10 +328,11 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = Mscl
     """A YAML file whose top level is a mapping (an empty file is ``{}``). A missing file, invalid YAML or
     another top level raises ``error`` naming the file; ``what`` says what the file was meant to be."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise error(f"{what} not found: {path}")
+    text = read_user_text(path, what, error)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise error(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):

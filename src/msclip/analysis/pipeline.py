@@ -58,13 +58,11 @@ def read_inputs(images: str, texts: str, max_samples: int | None = None) -> Anal
     if p.is_dir():
         paths = scan_images(p)
     elif p.is_file():
-        paths = [str(p.parent / ln.strip()) for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        listed = mio.read_user_text(p, "--images", AnalysisInputError).splitlines()
+        paths = [str(p.parent / ln.strip()) for ln in listed if ln.strip()]
     else:
         raise MissingFileError(f"--images {images!r} does not exist")
-    t = Path(texts)
-    if not t.is_file():
-        raise MissingFileError(f"--texts {texts!r} does not exist")
-    lines = t.read_text(encoding="utf-8-sig").splitlines()
+    lines = mio.read_user_text(texts, "--texts", AnalysisInputError).splitlines()
     blank = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
     kept = [ln.strip() for ln in lines if ln.strip()]
     inputs = AnalysisInputs(paths[:max_samples], kept[:max_samples], blank)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from msclip.commands._common import (UsageError, add_model_arguments, check_sizes, pick_device, progress_flag,
                                      run_main)
+from msclip.io import read_user_text
 
 NAME = "embed"
 HELP = "export L2-normalised image or text embeddings (.npy / .safetensors) with their names"
@@ -31,9 +32,7 @@ def _items(args: argparse.Namespace) -> list[str]:
 
     if args.images is not None:
         return scan_images(args.images)
-    if not Path(args.texts).is_file():
-        raise UsageError(f"--texts {args.texts!r} does not exist")
-    items = Path(args.texts).read_text(encoding="utf-8-sig").splitlines()
+    items = read_user_text(args.texts, "--texts", UsageError).splitlines()
     if not items:
         raise UsageError(f"--texts {args.texts!r} has no lines")
     return items
@@ -46,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     if Path(args.output).suffix not in SUFFIXES:
         raise UsageError(f"--output {args.output!r} must end in {' or '.join(SUFFIXES)}")
+    source = args.texts if args.images is None else None
+    if source is not None and Path(source).resolve() == Path(sidecar_path(args.output)).resolve():
+        raise UsageError(f"--output {args.output!r} would write its names file over --texts {source!r}; "
+                         "give the output another name")
     check_sizes(args)
     device = pick_device(args.device)
     checkpoint = resolve_checkpoint(args.model, args.pretrained)

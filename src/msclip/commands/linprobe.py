@@ -55,6 +55,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def check_values(args: argparse.Namespace) -> None:
+    """Every out-of-range value at once, before any model or dataset is loaded."""
+    problems = [f"{flag} must be {want}, got {value}" for flag, value, ok, want in (
+        ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+        ("--val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "between 0 and 1 (exclusive)"),
+        ("--max-iter", args.max_iter, args.max_iter >= 1, ">= 1"),
+        ("--tol", args.tol, args.tol > 0, "> 0"),
+        ("--epochs", args.epochs, args.epochs >= 1, ">= 1"),
+        ("--lr", args.lr, args.lr > 0, "> 0")) if not ok]
+    if os.path.splitext(args.output)[1].lower() == ".md":
+        problems.append(f"--output {args.output}: the markdown table is written beside the JSON results as .md; "
+                        "give the results another suffix (e.g. .json)")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
 def _entries(args: argparse.Namespace) -> list:
     from msclip.eval.suite import SUITES, find_root, get_spec
 
@@ -79,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from msclip.eval.suite import CachedFeaturizer, run_suite
 
     check_sizes(args)
+    check_values(args)
     entries = _entries(args)
     device = pick_device(args.device)
     checkpoint = resolve_checkpoint(args.model, args.pretrained)

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from msclip.commands._common import UsageError, pick_device, run_main
+from msclip.io import read_user_text
 
 NAME = "search"
 HELP = "text->image / image->image search in an `msclip index` (console, JSON, HTML gallery)"
@@ -40,9 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _texts(args: argparse.Namespace) -> list[str]:
     texts = [t for t in [*args.texts, *args.text] if t.strip()]
     if args.queries is not None:
-        if not Path(args.queries).is_file():
-            raise UsageError(f"--queries {args.queries!r} does not exist")
-        texts += [ln.strip() for ln in Path(args.queries).read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        texts += [ln.strip() for ln in read_user_text(args.queries, "--queries", UsageError).splitlines() if ln.strip()]
     return texts
 
 

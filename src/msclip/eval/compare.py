@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msclip.errors import MissingFileError, MsclipError
+from msclip.errors import MsclipError
+from msclip.io import read_user_text
 
 
 def load_result(path: str) -> dict:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MissingFileError(f"result file {path!r} does not exist") from None
+        data = json.loads(read_user_text(path, "result file"))
     except json.JSONDecodeError as e:
         raise MsclipError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MsclipError(f"{path}: not an msclip result file (a JSON object), got a {type(data).__name__}")
+    return data
 
 
 def _fmt(v: float | None) -> str:

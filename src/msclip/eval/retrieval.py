@@ -8,6 +8,7 @@ Ties count against the query (a competitor scoring exactly as high is ranked ahe
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from msclip.data.formats import wds_captions
 from msclip.errors import MissingFileError, MsclipError
+from msclip.io import read_user_text
 
 from .features import Autocast, SafeDataset, extract_image_features, extract_text_features
 from .loading import eval_transform
@@ -42,7 +44,7 @@ def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
     """Retrieval JSON: Karpathy-split (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json: the
     images of `split`), or the BLIP / LAVIS list of {"image", "caption": str or list} records
     (coco_karpathy_test.json, flickr30k_test.json: one split per file, so `split` does not apply)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    data = json.loads(read_user_text(path, "annotations", AnnotationError))
     if isinstance(data, list):
         return _read_record_list(path, data, images_root)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -95,7 +97,7 @@ def read_csv_pairs(path: str | os.PathLike, images_root: str | os.PathLike | Non
     """CSV/TSV of (image, caption) rows; several rows may share one image (kept in first-seen order)."""
     path = Path(path)
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_user_text(path, "annotations", AnnotationError), newline="") as f:
         reader = csv.DictReader(f, delimiter=sep)
         cols = reader.fieldnames or []
         ik = image_key or next((c for c in ("image", "filepath", "filename", "file", "path") if c in cols), None)
