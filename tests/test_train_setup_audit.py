@@ -233,8 +233,6 @@ def test_fp16_gradients_reach_the_optimiser_unscaled(tmp_path, seen_grad_norms) 
 
 # --- recipe: values that contradict each other --------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: Recipe.problems() does not compare optim.warmup/cooldown with "
-                   "train.steps; the run folder is made and WarmupCosine then raises a bare ValueError (traceback)")
 @pytest.mark.parametrize("overrides", [["optim.warmup=5"], ["optim.cooldown=3"], ["optim.warmup=2", "optim.cooldown=1"]])
 def test_warmup_and_cooldown_longer_than_the_run_are_recipe_errors(overrides) -> None:
     with pytest.raises(RecipeError, match=r"optim\.(warmup|cooldown)=.*train.steps"):
@@ -246,13 +244,19 @@ def test_warmup_as_long_as_the_run_is_allowed() -> None:
     assert (r.optim.warmup, r.optim.cooldown) == (1.0, 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: warmup in epochs longer than the run reaches WarmupCosine as a "
-                   "bare ValueError (exit 1 with a traceback), not a RecipeError naming optim.warmup (exit 2)")
 def test_warmup_in_epochs_longer_than_the_run_is_a_user_error(tmp_path) -> None:
-    r = tiny_recipe(tmp_path, "ep", train={"epochs": 1, "precision": "fp32", "threads": 1},
+    """Warm-up in epochs against a run in steps: only the data's size tells (16 samples / batch 8 = 2 steps
+    per epoch, so 3 epochs are 6 steps of a 4-step run): a RecipeError naming both, not the scheduler's."""
+    r = tiny_recipe(tmp_path, "ep", train={"steps": 4, "precision": "fp32", "threads": 1},
                     optim={"unit": "epochs", "warmup": 3}, data__num_samples=16)
-    with pytest.raises(MsclipError, match="optim.warmup"):
+    with pytest.raises(RecipeError, match=r"optim\.warmup=3.*6 steps, more than the run's 4"):
         train(r)
+
+
+def test_warmup_in_epochs_longer_than_epochs_is_caught_by_the_recipe(tmp_path) -> None:
+    with pytest.raises(RecipeError, match=r"optim\.warmup=3.*exceed train\.epochs=1"):
+        tiny_recipe(tmp_path, "ep", train={"steps": None, "epochs": 1, "precision": "fp32", "threads": 1},
+                    optim={"unit": "epochs", "warmup": 3})
 
 
 # --- the saved recipe and seed determinism -----------------------------------------------------------------

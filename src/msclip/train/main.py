@@ -250,9 +250,13 @@ def plan_steps(recipe: Recipe, batches_per_epoch: int, world_size: int) -> StepP
         raise RecipeError(f"an epoch has {batches_per_epoch} batches per process, fewer than "
                           f"train.accum_freq={accum}; lower data.batch_size or add data")
     total = recipe.train.steps or math.ceil(recipe.train.epochs * steps_per_epoch)
-    unit = steps_per_epoch if recipe.optim.unit == "epochs" else 1
-    return StepPlan(steps_per_epoch=steps_per_epoch, total=total, warmup=round(recipe.optim.warmup * unit),
-                    cooldown=round(recipe.optim.cooldown * unit),
+    o = recipe.optim
+    unit = steps_per_epoch if o.unit == "epochs" else 1
+    warmup, cooldown = round(o.warmup * unit), round(o.cooldown * unit)
+    if warmup + cooldown > total:  # in epochs this needs the data's size, so recipe.problems cannot tell
+        raise RecipeError(f"recipe: optim.warmup={o.warmup!r} + optim.cooldown={o.cooldown!r} ({o.unit}) make "
+                          f"{warmup + cooldown} steps, more than the run's {total} ({steps_per_epoch} per epoch)")
+    return StepPlan(steps_per_epoch=steps_per_epoch, total=total, warmup=warmup, cooldown=cooldown,
                     global_batch=recipe.data.batch_size * accum * world_size)
 
 
