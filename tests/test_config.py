@@ -130,7 +130,11 @@ def test_shared_heads_may_differ():
     assert model.trunk.heads == {"image": 1, "text": 4}
 
 
-def test_json_config_file_and_registration(tmp_path):
+def test_json_config_file_and_registration(tmp_path, monkeypatch):
+    from msclip import factory
+
+    factory.list_models()  # the registry filled, then copied: the registration ends with this test
+    monkeypatch.setattr(factory, "_REGISTRY", dict(factory._REGISTRY))
     path = tmp_path / "my-model.json"
     path.write_text(json.dumps(tiny_dict()))
     assert msclip.create_model(str(path)).cfg.name == "my-model"

@@ -169,7 +169,7 @@ class Recipe:
         for name in ("warmup", "warmup_lr", "min_lr", "cooldown"):
             positive(f"optim.{name}", getattr(o, name), strict=False)
         run = {"steps": ("train.steps", t.steps), "epochs": ("train.epochs", t.epochs)}.get(o.unit)
-        if run and isinstance(run[1], (int, float)) and o.warmup + o.cooldown > run[1]:  # else: plan_steps
+        if run and isinstance(run[1], (int, float)) and 0 < run[1] < o.warmup + o.cooldown:  # else: plan_steps
             bad(f"optim.warmup={o.warmup!r} + optim.cooldown", o.cooldown, f"exceed {run[0]}={run[1]!r}")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             bad("optim.betas", o.betas, "needs two values in [0, 1)")
