@@ -177,7 +177,7 @@ def test_jobs_get_a_share_of_the_cores_or_a_gpu_each(monkeypatch):
 def test_killing_the_study_stops_and_saves_its_runs_and_a_rerun_finishes_them(tmp_path, monkeypatch):
     """kill -9 of `msclip study --jobs 2`: its runs get SIGTERM instead of training on as orphans (which a
     re-run would find holding their folders), save the step they are in and stop; a re-run resumes them."""
-    over = [f"output_dir={tmp_path}", "recipe.train.steps=150", "recipe.checkpoint.every=0"]  # saved: only at the stop
+    over = [f"output_dir={tmp_path}", "recipe.train.steps=60", "recipe.checkpoint.every=0"]  # saved: only at the stop
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     study = spawn([sys.executable, "-m", "msclip", "study", "--preset", "smoke", "--jobs", "2", *over], env=env,
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -194,13 +194,13 @@ def test_killing_the_study_stops_and_saves_its_runs_and_a_rerun_finishes_them(tm
         time.sleep(0.05)
     for run in runs:
         steps = [s for s, _ in list_checkpoints(checkpoint_dir(run))]
-        assert steps and max(steps) < 150, run
+        assert steps and max(steps) < 60, run
         assert "msclip train: stopped" in (run.parent / f"{run.name}.train.log").read_text(), run
 
     calls = _counting_train(monkeypatch)
     runner.run_study(load_study(preset="smoke", overrides=over), write=lambda line: None)
     assert sorted((name, start > 0, end) for name, _, start, end in calls) == [
-        ("clip-b32-tiny-seed0", True, 150), ("msclip-b32-tiny-seed0", True, 150)]
+        ("clip-b32-tiny-seed0", True, 60), ("msclip-b32-tiny-seed0", True, 60)]
 
 
 def _group_alive(pgid: int) -> bool:
