@@ -133,7 +133,7 @@ def _plot(runs: dict[str, dict], out: Path) -> list[str]:
         for label, run in runs.items():
             kind = "train" if key == "loss" else "zeroshot"
             recs = read_metrics(run["run_dir"], kind)
-            ax.plot([r["step"] for r in recs], [r[key] for r in recs], marker="" if key == "loss" else "o",
+            ax.plot([r["step"] for r in recs], [float(r[key]) for r in recs], marker="" if key == "loss" else "o",
                     label=label)
         if key == "top1_pct":
             ax.axhline(10.0, color="grey", linestyle=":", label="chance (10 %)")
@@ -158,6 +158,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _images_scored(zeroshot: dict) -> str:
+    n = zeroshot.get("images")
+    return "all 10,000 test images" if n in (None, 10_000) else f"{n:,} test images, evenly spread over the test set"
+
+
 def _report(runs: dict[str, dict], out: Path, plots: list[str], wall: float, threads: int) -> Path:
     rows = ["| model | params (shared) | steps x batch | train time | samples/s | final loss | "
             "zero-shot top-1 | top-5 | mean per-class recall |", "|---|---|---|---|---|---|---|---|---|"]
@@ -168,14 +173,17 @@ def _report(runs: dict[str, dict], out: Path, plots: list[str], wall: float, thr
                     f"{r['sps']:.0f} | {r['final_loss']:.3f} | **{z['top1_pct']:.1f} %** | "
                     f"{z['top5_pct']:.1f} % | {z['mean_per_class_recall_pct']:.1f} % |")
     (a, ra), (b, rb) = list(runs.items())
-    diff = ra["zeroshot"]["top1_pct"] - rb["zeroshot"]["top1_pct"]
-    winner = f"{a} is ahead by {diff:.1f} points" if diff > 0 else f"{b} is ahead by {-diff:.1f} points"
+    diff = round(ra["zeroshot"]["top1_pct"], 1) - round(rb["zeroshot"]["top1_pct"], 1)  # as the table shows them
+    if abs(diff) < 0.05:
+        winner = f"{a} and {b} are tied"
+    else:
+        winner = f"{a} is ahead by {diff:.1f} points" if diff > 0 else f"{b} is ahead by {-diff:.1f} points"
     lines = [
         "# msclip demo: MS-CLIP-S vs CLIP on Fashion-MNIST", "",
         f"Total wall time {wall / 60:.1f} min on {_cpu_name()}, "
         f"{threads} torch thread(s), precision {ra['result'].precision}. "
         "Pre-training pairs: the 60,000 training images with captions drawn from templates around the class "
-        "names; zero-shot: all 10,000 test images, classifier = per-class mean of the normalised text "
+        f"names; zero-shot: {_images_scored(ra['zeroshot'])}, classifier = per-class mean of the normalised text "
         f"embeddings of {ra['zeroshot']['templates']} prompt templates (the caption templates). Chance is 10 %. "
         "`msclip zeroshot --templates fashion_mnist` on the same checkpoint and images gives the same numbers.", "",
         *rows, "",
@@ -193,6 +201,19 @@ def _report(runs: dict[str, dict], out: Path, plots: list[str], wall: float, thr
     return mio.write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
+def _new_report_folder(root: Path, name: str) -> Path:
+    """A folder of its own: a demo started in the same second as another gets ``name-2``, ``name-3``, ..."""
+    mio.make_folder(root)
+    for n in range(1, 1000):
+        out = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            out.mkdir()  # exclusive: two demos cannot both create it
+            return out
+        except FileExistsError:
+            continue
+    raise mio.WriteError(f"{root}: 999 report folders named {name}-*; remove some")
+
+
 def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: Path | None = None,
              budget_min: float = 8.5, spent_s: float = 0.0, test_images: int | None = None) -> Path:
     import msclip
@@ -200,8 +221,7 @@ def run_demo(steps: int | None = None, out_root: str = "reports", recipes_dir: P
     from msclip.train.recipe import load_recipe
 
     t0 = time.perf_counter()
-    out = Path(out_root) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    mio.make_folder(out)
+    out = _new_report_folder(Path(out_root), f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     recipes_dir = Path(recipes_dir) if recipes_dir else RECIPES_DIR
     recipes = {label: load_recipe(recipes_dir / fname) for label, fname in RECIPES.items()}
     threads = None
@@ -267,9 +287,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.test_images is not None and args.test_images < 1:
-        print(f"msclip demo: error: --test-images must be >= 1, got {args.test_images}", file=sys.stderr)
-        return 2
+    for flag, value in (("--test-images", args.test_images), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            print(f"msclip demo: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     if not _check_data():
         return 1
     t0 = time.perf_counter()

@@ -56,6 +56,7 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> int:
     dropped = 0
     for path in metrics_files(run_dir):
         text = path.read_text(errors="replace")
+        cut = bool(text) and not text.endswith("\n")  # every record ends in a newline: the last one was cut
         if path.suffix == ".jsonl":
             lines = [ln for ln in text.splitlines() if ln.strip()]
             kept = []
@@ -66,7 +67,7 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> int:
                     continue
                 if keep(rec.get("step")):
                     kept.append(ln)
-            if len(kept) != len(lines):
+            if len(kept) != len(lines) or cut:  # a complete object cut before its newline: given one
                 mio.write_text(path, "".join(ln + "\n" for ln in kept))
             dropped += len(lines) - len(kept)
             continue
@@ -75,8 +76,10 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> int:
             continue
         header, body = rows[0], rows[1:]
         col = header.index("step") if "step" in header else None
-        kept_rows = [r for r in body if col is not None and len(r) == len(header) and keep(r[col])]
-        if len(kept_rows) != len(body):
+        # a row without its newline may be cut inside its last field (a number with digits missing): dropped
+        usable = body[:-1] if cut and body else body
+        kept_rows = [r for r in usable if col is not None and len(r) == len(header) and keep(r[col])]
+        if len(kept_rows) != len(body) or cut:
             out = io.StringIO(newline="")
             csv.writer(out).writerows([header, *kept_rows])
             mio.write_text(path, out.getvalue())
@@ -147,7 +150,8 @@ class RunLogger:
             csv.DictWriter(f, self.csv_cols[kind], extrasaction="ignore").writerow(record)
 
     def close(self) -> None:
-        if not self.enabled:
+        """Idempotent: the trainer closes on success and again, as a safety net, on the way out."""
+        if not self.enabled or self.jsonl.closed:
             return
         with mio.reporting_writes(self.run_dir / METRICS_JSONL):
             self.jsonl.close()
@@ -162,9 +166,12 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     if not path.is_file():
         return []
     latest: dict[tuple[str, int], dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         if line.strip():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a record cut by a kill (a resume drops it from the file too)
+                continue
             if kind is None or rec["kind"] == kind:
                 latest[(rec["kind"], rec["step"])] = rec
     return sorted(latest.values(), key=lambda r: (r["step"], r["kind"]))

@@ -149,6 +149,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
                  run_dir, recipe.model, plan.total, plan.steps_per_epoch, plan.global_batch, precision.name,
                  env.world_size, model.parameter_counts())
     logger = RunLogger(run_dir, enabled=env.is_master, tensorboard=recipe.log.tensorboard, start_step=state.step)
+    held.callback(logger.close)  # closed on any error from here on, before the loop's own try too
     saver = CheckpointWriter(run_dir, model, optimizer, scheduler, scaler, env, plan.total,
                              recipe.checkpoint.keep_last, loss_fn)
     saver.last_finite = resume[0] if resume else ""
