@@ -21,7 +21,7 @@ from msclip.export import export_encoders  # noqa: E402
 from msclip.export.onnx import FILES, onnx_sessions, run_onnx  # noqa: E402
 
 # plain CLIP, MS-CLIP (shared attention + MLP), MS-CLIP-S (conv stem, parallel branch, lateral adapters)
-NAMES = ["clip-b32-tiny", "msclip-b32-tiny", "msclip-s-b32-tiny"]
+NAMES = ["clip-b32-tiny", "msclip-s-b32-tiny"]  # the two ends of the spectrum: no sharing; sharing, conv stem and branch
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
 CAPTIONS = ["a photo of an astronaut", "a cup of coffee on a saucer", "a ginger cat", "a rocket on the launch pad"]
 LONG = "a very long caption that does not fit into the context window " * 8  # truncation (eot / hard rule)

@@ -16,8 +16,7 @@ from PIL import Image
 
 from msclip.train.logger import read_metrics
 from msclip.train.main import train
-from torchrun_utils import run_torchrun
-from train_utils import TINY, tiny_recipe
+from train_utils import tiny_recipe
 
 
 class _Stderr(logging.Handler):
@@ -125,22 +124,6 @@ def test_resumed_run_has_each_step_once_and_reports_its_own_and_the_total_steps(
     closing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finished:")]
     assert closing and "steps 3..6 of 6 (4 in this run, resumed at step 2, 6 done in total)" in closing[-1]
     assert "skipped_decode 12" in closing[-1] and "shortfall 12" in closing[-1]
-
-
-@pytest.mark.dist
-def test_ddp_logs_the_global_loss(tmp_path: Path) -> None:
-    """2 gloo processes x batch 4 (local_loss, the default) log the loss of one process on the same 8 pairs:
-    the sampler splits one shuffled order over the ranks, and each sample's augmentation is its own."""
-    one = train(tiny_recipe(tmp_path, "one", train__steps=2, data__num_samples=32, data__batch_size=8))
-    run_torchrun(["-m", "msclip", "train", "--model", TINY, "--name", "two", "--output_dir", str(tmp_path),
-                  "train.steps=2", "train.precision=fp32", "train.threads=1", "train.deterministic=true",
-                  "data.kind=synthetic", "data.num_samples=32", "data.batch_size=4", "data.workers=0",
-                  "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup=1", "checkpoint.every=0",
-                  "log.every=1", "log.progress=false", "log.tensorboard=false"])
-    single = [r["loss"] for r in read_metrics(one.run_dir, "train")]
-    two = [r["loss"] for r in read_metrics(tmp_path / "two", "train")]
-    assert len(single) == len(two) == 2
-    assert two == pytest.approx(single, abs=1e-5)
 
 
 def test_a_full_disk_under_the_run_logs_is_a_write_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:

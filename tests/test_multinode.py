@@ -31,6 +31,7 @@ def test_two_nodes_of_two_processes_train_like_one_process(tmp_path: Path) -> No
     state = load_train_state(run / "checkpoints" / f"step_{STEPS:08d}.pt")
     assert state["world_size"] == 4 and len(state["rng"]) == 4  # one group of four ranks, not two of two
     assert state["loop"]["samples_seen"] == STEPS * 8
+    assert (run / "recipe.yaml").is_file()  # rank 0 wrote the run folder once (the ranks agree on one folder)
     # the logged loss is the mean over ranks, i.e. the loss of the global batch of 8
     assert [r["loss"] for r in read_metrics(run, "train")] == \
         pytest.approx([r["loss"] for r in read_metrics(one.run_dir, "train")], abs=1e-5)

@@ -18,7 +18,6 @@ from msclip.train.optim import group_param_names, param_groups
 from msclip.train.recipe import OptimRecipe, RecipeError, load_recipe
 from msclip.train.scheduler import lr_at
 from msclip.train.state import list_checkpoints, load_train_state, resolve_resume, save_train_state
-from torchrun_utils import run_torchrun
 from train_utils import TINY, tiny_recipe
 
 # --- recipes ------------------------------------------------------------------------------------------
@@ -193,18 +192,6 @@ def test_ddp_wrap_on_cpu_has_no_device_ids(tmp_path: Path, one_thread: None) -> 
             twin.zero_grad(set_to_none=True)
     finally:
         dist.destroy_process_group()
-
-
-@pytest.mark.dist
-def test_torchrun_two_process_gloo_smoke(tmp_path: Path) -> None:
-    run_torchrun(["-m", "msclip", "train",
-                  "--model", TINY, "--train.steps", "2", "--name", "ddp", "--output_dir", str(tmp_path),
-                  "data.kind=synthetic", "data.num_samples=32", "data.batch_size=4", "data.workers=0",
-                  "train.precision=fp32", "log.progress=false", "log.tensorboard=false", "checkpoint.every=1"])
-    state = load_train_state(tmp_path / "ddp" / "checkpoints" / "step_00000002.pt")
-    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["loop"]["samples_seen"] == 16
-    assert math.isfinite(state["model"]["logit_scale"].item())
-    assert (tmp_path / "ddp" / "recipe.yaml").is_file() and (tmp_path / "ddp" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("precision,extra", [("fp16", {"grad_clip_norm": 1.0}), ("bf16", {"grad_checkpointing": True})])
