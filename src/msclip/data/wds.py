@@ -74,13 +74,14 @@ def shard_sizes(urls: list[str]) -> dict[str, int]:
         n, problem = count_image_keys(_local_path(url))
         if problem:
             log.warning("%s; counting its %d readable samples", problem, n)  # the problem names the shard
-        sizes[url] = sizes.get(url, 0) + n
+        sizes[url] = n
     return sizes
 
 
 def count_samples(urls: list[str]) -> int:
-    """The samples of ``shard_sizes``, summed."""
-    return sum(shard_sizes(urls).values())
+    """The samples of ``shard_sizes``, summed (a shard listed twice counts twice: it is read twice)."""
+    sizes = shard_sizes(urls)
+    return sum(sizes[u] for u in urls)
 
 
 class NoUsableSamples(DataFormatError):
@@ -324,7 +325,7 @@ def build_wds(spec: Any, *, image_transform: Transform, tokenizer: Tokenizer, ba
                                 "worker(s); each needs at least one shard (use more shards, fewer workers, or "
                                 "resampled=True)")
         sizes = None if spec.num_samples else shard_sizes(urls)
-        total = spec.num_samples or sum(sizes.values())
+        total = spec.num_samples or sum(sizes[u] for u in urls)
         per_worker = total // (batch_size * streams)
     if per_worker < 1:
         what = f"num_samples={spec.num_samples}" if spec.num_samples else "the samples in the shards"
