@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import MsclipError
+from .errors import MissingFileError, MsclipError
 
 TMP_PREFIX = ".msclip-tmp-"  # every temporary file this module creates starts with this
 
@@ -27,8 +27,6 @@ class WriteError(MsclipError):
 def read_user_text(path: str | os.PathLike, what: str, error: type[Exception] = MsclipError) -> str:
     """A text file the user named, as UTF-8 (a leading BOM dropped). Missing -> MissingFileError; a folder,
     an unreadable file or bytes that are not UTF-8 -> ``error``; each message names ``what`` and the file."""
-    from .errors import MissingFileError
-
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"{what} {str(path)!r} does not exist")

@@ -149,7 +149,8 @@ def _type_problems(raw: dict) -> list[str]:
             ok = is_int
         else:
             allowed = (int,) if kind == "ints" else (int, float)
-            ok = isinstance(value, list) and bool(value) and all(
+            needed = dotted.startswith(("TRAIN.", "INPUT."))  # read by index; CUSTOM lengths are checked later
+            ok = isinstance(value, list) and (bool(value) or not needed) and all(
                 isinstance(v, allowed) and not isinstance(v, bool) for v in value)
         if not ok:
             want = {"mapping": "a mapping", "int": "an integer", "ints": "a list of integers",
