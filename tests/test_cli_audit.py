@@ -338,3 +338,9 @@ def test_linprobe_refuses_out_of_range_values_before_any_work(flag, value, work,
     rc, _, err = _main(capsys, ["linprobe", "--model", work / "w.safetensors", "--dataset", f"x:{tmp_path / 'no'}",
                                 "--no-cache", "--output", tmp_path / "r.json", flag, value, *CPU])
     assert rc == 2 and flag in err and not (tmp_path / "r.json").exists()
+
+
+def test_linprobe_refuses_an_unknown_probe_device_before_any_work(work, tmp_path, capsys):
+    rc, _, err = _main(capsys, ["linprobe", "--model", work / "w.safetensors", "--dataset", f"x:{tmp_path / 'no'}",
+                                "--no-cache", "--output", tmp_path / "r.json", "--probe-device", "gpu", *CPU])
+    assert rc == 2 and "gpu" in err and "Traceback" not in err and not (tmp_path / "r.json").exists()

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     check_values(args)
     entries = _entries(args)
     device = pick_device(args.device)
+    probe_device = pick_device(args.probe_device) if args.probe_device else device  # a bad name: exit 2 now
     checkpoint = resolve_checkpoint(args.model, args.pretrained)
     torch.manual_seed(args.seed)  # random-init weights are then reproducible, so caching them is sound
     model = load_model(args.model, checkpoint, device, args.precision)
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         kw = {"epochs": args.epochs, "lr": args.lr}
     probe = functools.partial(run_probe, protocol=args.protocol, val_fraction=args.val_fraction, seed=args.seed,
-                              normalize=not args.no_normalize, device=args.probe_device or device, **kw)
+                              normalize=not args.no_normalize, device=probe_device, **kw)
     result = run_suite(entries, featurize, probe, args.seed)
     report = {"task": "linprobe", **model_report(args.model, model, checkpoint, device, args.precision),
               "protocol": args.protocol, "suite": args.suite,

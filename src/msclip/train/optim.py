@@ -2,7 +2,8 @@
 
 No weight decay for biases, norm layers, embeddings, class/positional embeddings and logit_scale (the
 model's ``no_weight_decay_names()``, plus every tensor with fewer than two dimensions, e.g. BatchNorm).
-Shared parameters get their own lr / weight decay (the official LR_SHARE / WD_SHARE). Fused AdamW on CUDA.
+Shared parameters get their own lr / weight decay (the official LR_SHARE / WD_SHARE). Fused AdamW where all
+parameters are on CUDA or all on the CPU (``adamw_kernel``).
 """
 from __future__ import annotations
 
