@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from msclip.errors import MsclipError
+from msclip.io import read_user_text
 
 # Image files recognised in folders (the torchvision ImageFolder set, lower-case, with the dot).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -108,10 +109,7 @@ def read_list_file(path: str | os.PathLike, what: str, error: type[MsclipError] 
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM would stick to the first name
-    except (OSError, UnicodeDecodeError) as err:
-        raise error(f"{what} {str(path)!r} cannot be read as UTF-8 text ({err})") from None
+    text = read_user_text(path, what, error)  # a BOM would stick to the first name: dropped there
     if path.suffix.lower() != ".json":
         return [line.strip() for line in text.splitlines()]
     try:
