@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from msclip import io as mio
+from msclip.errors import MsclipError
 from msclip.transforms import decode_error_text
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class SafeDataset(Dataset):
             return i, self.transform(image), label, None
         except Exception as e:  # noqa: BLE001 - any read/decode/transform failure skips this sample
             return i, None, None, decode_error_text(e)
+
+
+class NoReadableImages(MsclipError):
+    """Every image of a dataset failed to decode (the failures are counted in the message)."""
 
 
 @dataclass
@@ -129,8 +134,8 @@ def extract_image_features(encode: Callable[[torch.Tensor], torch.Tensor], datas
     for i, err in failures[:5]:
         log.warning("skipped sample %d of %s: %s", i, desc, err)
     if not feats and not allow_empty:
-        raise ValueError(f"{desc}: no image could be read ({len(failures)} failed; first: "
-                         f"{failures[0][1] if failures else 'the dataset is empty'})")
+        raise NoReadableImages(f"{desc}: no image could be read ({len(failures)} failed; first: "
+                               f"{failures[0][1] if failures else 'the dataset is empty'})")
     return {"features": torch.cat(feats) if feats else torch.zeros(0, 0),
             "labels": torch.cat(labels) if labels else None,
             "indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),

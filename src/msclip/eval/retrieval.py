@@ -44,7 +44,10 @@ def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
     """Retrieval JSON: Karpathy-split (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json: the
     images of `split`), or the BLIP / LAVIS list of {"image", "caption": str or list} records
     (coco_karpathy_test.json, flickr30k_test.json: one split per file, so `split` does not apply)."""
-    data = json.loads(read_user_text(path, "annotations", AnnotationError))
+    try:
+        data = json.loads(read_user_text(path, "annotations", AnnotationError))
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"annotations {path}: not valid JSON ({e})") from None
     if isinstance(data, list):
         return _read_record_list(path, data, images_root)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):

@@ -277,6 +277,9 @@ def run_suite(entries: list[tuple[DatasetSpec, Path]],
             log.warning("%s", e)
             run.results[spec.name] = {"status": "missing", "root": str(root), "expected_layout": e.expected_layout}
             continue
+        except Exception as e:  # noqa: BLE001 - a broken dataset (bad CSV, broken shard) must not stop the suite
+            _record_error(run, spec, root, e)
+            continue
         try:
             feats = {r: featurize(spec, root, r, ds) for r, ds in splits.items() if ds is not None}
             t1 = time.perf_counter()
@@ -296,10 +299,14 @@ def run_suite(entries: list[tuple[DatasetSpec, Path]],
             run.results[spec.name] = res
             log.info("%s: %s %.2f %%", spec.name, spec.metric, res["score_pct"])
         except Exception as e:  # noqa: BLE001 - one broken dataset must not stop the suite
-            log.error("%s failed: %s", spec.name, e)
-            run.results[spec.name] = {"status": "error", "root": str(root), "error": f"{type(e).__name__}: {e}",
-                                      "traceback": traceback.format_exc(limit=3)}
+            _record_error(run, spec, root, e)
     return run
+
+
+def _record_error(run: SuiteRun, spec: DatasetSpec, root: Path, e: Exception) -> None:
+    log.error("%s failed: %s", spec.name, e)
+    run.results[spec.name] = {"status": "error", "root": str(root), "error": f"{type(e).__name__}: {e}",
+                              "traceback": traceback.format_exc(limit=3)}
 
 
 def limit_dataset(ds: Any, limit: int | None, seed: int = 0) -> Any:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from msclip.data.formats import WDS_IMAGE_KEYS
 from msclip.data.formats import read_idx as read_idx_file
-from msclip.eval.imagefolder import is_hidden, walk_images
+from msclip.eval.imagefolder import DataError, is_hidden, walk_images
 from msclip.transforms import to_rgb
 
 # members read as text (the label and the caption members); every other member is kept as a TarMember
@@ -100,23 +100,33 @@ def index_tar_shards(shards: list[str]) -> list[dict]:
     """Group tar members by sample key. Image fields become TarMembers, text fields their decoded text."""
     samples: list[dict] = []
     for shard in shards:
-        with tarfile.open(shard, "r:") as tar:
-            current: dict | None = None
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                if "." not in base or base.startswith("."):
-                    continue
-                key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
-                ext = base.split(".", 1)[1].lower()
-                if current is None or current["__key__"] != key:
-                    current = {"__key__": key, "__shard__": shard}
-                    samples.append(current)
-                if ext in WDS_TEXT_FIELDS:
-                    current[ext] = tar.extractfile(m).read().decode("utf-8", errors="replace")
-                else:
-                    current[ext] = TarMember(shard, m.offset_data, m.size)
+        try:
+            samples += _index_shard(shard)
+        except (tarfile.TarError, EOFError) as e:
+            raise DataError(f"shard {shard}: not a readable tar archive ({e})") from None
+    return samples
+
+
+def _index_shard(shard: str) -> list[dict]:
+    """One shard's samples, in member order (a sample's members are adjacent in a WebDataset tar)."""
+    samples: list[dict] = []
+    with tarfile.open(shard, "r:") as tar:
+        current: dict | None = None
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            if "." not in base or base.startswith("."):
+                continue
+            key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+            ext = base.split(".", 1)[1].lower()
+            if current is None or current["__key__"] != key:
+                current = {"__key__": key, "__shard__": shard}
+                samples.append(current)
+            if ext in WDS_TEXT_FIELDS:
+                current[ext] = tar.extractfile(m).read().decode("utf-8", errors="replace")
+            else:
+                current[ext] = TarMember(shard, m.offset_data, m.size)
     return samples
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import string
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -135,9 +136,19 @@ def clip_benchmark_templates(templates: Sequence[str]) -> list[str]:
     (``"a photo of a {c}."``, filled by ``str.format(c=name)``); escaped braces stay as they are."""
     out = []
     for t in templates:
-        if "{}" not in t and "{0}" not in t:
+        try:
+            parts = list(string.Formatter().parse(t))
+        except ValueError as e:
+            raise ClipBenchmarkError(f"template {t!r}: {e}") from None
+        if not any(field in ("", "0") for _, field, _, _ in parts):
             raise ClipBenchmarkError(f"template {t!r} has no '{{}}' for the class name")
-        out.append(t.replace("{}", "{c}").replace("{0}", "{c}"))
+        text = []
+        for literal, field, spec, conversion in parts:
+            text.append(literal.replace("{", "{{").replace("}", "}}"))  # parse() unescaped them
+            if field is not None:
+                name = "c" if field in ("", "0") else field
+                text.append("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+        out.append("".join(text))
     return out
 
 
