@@ -3,6 +3,7 @@ folder fsynced), tidy (no temporary file survives a failure), ordinary permissio
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -190,3 +191,21 @@ def test_a_folder_that_cannot_be_made_is_a_write_error_naming_it(tmp_path: Path)
     with pytest.raises(mio.WriteError, match=rf"cannot create folder {tmp_path}/afile: .*afile is a file"):
         mio.write_json(tmp_path / "afile" / "result.json", {})
     assert mio.make_folder(tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize("reader", ["list_file", "result_file", "annotations"])
+def test_malformed_json_from_the_user_is_one_error_naming_the_file(tmp_path, reader):
+    """Every reader of a user's JSON (class names / templates, compare's result files, retrieval annotations)
+    turns malformed JSON into its MsclipError naming the file, never a JSONDecodeError."""
+    from msclip.data.formats import read_list_file
+    from msclip.errors import MsclipError
+    from msclip.eval.compare import load_result
+    from msclip.eval.retrieval import read_karpathy
+
+    path = tmp_path / "broken.json"
+    path.write_text('{"a": [1, 2')
+    call = {"list_file": lambda: read_list_file(path, "class names"), "result_file": lambda: load_result(str(path)),
+            "annotations": lambda: read_karpathy(path, tmp_path)}[reader]
+    with pytest.raises(MsclipError, match=r"broken\.json.*not valid JSON") as info:
+        call()
+    assert not isinstance(info.value, json.JSONDecodeError)

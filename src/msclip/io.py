@@ -40,6 +40,19 @@ def read_user_text(path: str | os.PathLike, what: str, error: type[Exception] = 
         raise error(f"{what} {str(path)!r} cannot be read ({err.strerror or err})") from None
 
 
+def parse_user_json(text: str, path: str | os.PathLike, what: str, error: type[Exception] = MsclipError) -> Any:
+    """`text` (read from the user's file `path`) as JSON; malformed JSON -> ``error`` naming `what` and the file."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{what} {str(path)!r} is not valid JSON ({err})") from None
+
+
+def read_user_json(path: str | os.PathLike, what: str, error: type[Exception] = MsclipError) -> Any:
+    """A JSON file the user named (`read_user_text`'s checks, then `parse_user_json`)."""
+    return parse_user_json(read_user_text(path, what, error), path, what, error)
+
+
 def _umask_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)

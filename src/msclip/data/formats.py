@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from msclip.errors import MsclipError
-from msclip.io import read_user_text
+from msclip.io import parse_user_json, read_user_text
 
 # Image files recognised in folders (the torchvision ImageFolder set, lower-case, with the dot).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -112,7 +112,4 @@ def read_list_file(path: str | os.PathLike, what: str, error: type[MsclipError] 
     text = read_user_text(path, what, error)  # a BOM would stick to the first name: dropped there
     if path.suffix.lower() != ".json":
         return [line.strip() for line in text.splitlines()]
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise error(f"{what} {str(path)!r} is not valid JSON ({err})") from None
+    return parse_user_json(text, path, what, error)

@@ -6,18 +6,14 @@ metrics, whose keys carry their unit (`top1_pct`, `image_to_text_R@1_pct`, ...).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from msclip.errors import MsclipError
-from msclip.io import read_user_text
+from msclip.io import read_user_json
 
 
 def load_result(path: str) -> dict:
-    try:
-        data = json.loads(read_user_text(path, "result file"))
-    except json.JSONDecodeError as e:
-        raise MsclipError(f"{path}: not valid JSON ({e})") from None
+    data = read_user_json(path, "result file")
     if not isinstance(data, dict):
         raise MsclipError(f"{path}: not an msclip result file (a JSON object), got a {type(data).__name__}")
     return data

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from msclip.data.formats import wds_captions
 from msclip.errors import MissingFileError, MsclipError
-from msclip.io import read_user_text
+from msclip.io import read_user_json, read_user_text
 
 from .features import Autocast, SafeDataset, extract_image_features, extract_text_features
 from .loading import eval_transform
@@ -44,10 +43,7 @@ def read_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
     """Retrieval JSON: Karpathy-split (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json: the
     images of `split`), or the BLIP / LAVIS list of {"image", "caption": str or list} records
     (coco_karpathy_test.json, flickr30k_test.json: one split per file, so `split` does not apply)."""
-    try:
-        data = json.loads(read_user_text(path, "annotations", AnnotationError))
-    except json.JSONDecodeError as e:
-        raise AnnotationError(f"annotations {path}: not valid JSON ({e})") from None
+    data = read_user_json(path, "annotations", AnnotationError)
     if isinstance(data, list):
         return _read_record_list(path, data, images_root)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):

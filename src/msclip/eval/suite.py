@@ -273,14 +273,6 @@ def run_suite(entries: list[tuple[DatasetSpec, Path]],
         t0 = time.perf_counter()
         try:
             splits = load_splits(spec, root, seed)
-        except MissingDataset as e:
-            log.warning("%s", e)
-            run.results[spec.name] = {"status": "missing", "root": str(root), "expected_layout": e.expected_layout}
-            continue
-        except Exception as e:  # noqa: BLE001 - a broken dataset (bad CSV, broken shard) must not stop the suite
-            _record_error(run, spec, root, e)
-            continue
-        try:
             feats = {r: featurize(spec, root, r, ds) for r, ds in splits.items() if ds is not None}
             t1 = time.perf_counter()
             pair = {r: (f["features"], f["labels"]) for r, f in feats.items()}
@@ -298,15 +290,14 @@ def run_suite(entries: list[tuple[DatasetSpec, Path]],
                              for h in res.get("search", [])]
             run.results[spec.name] = res
             log.info("%s: %s %.2f %%", spec.name, spec.metric, res["score_pct"])
-        except Exception as e:  # noqa: BLE001 - one broken dataset must not stop the suite
-            _record_error(run, spec, root, e)
+        except MissingDataset as e:  # only load_splits raises it
+            log.warning("%s", e)
+            run.results[spec.name] = {"status": "missing", "root": str(root), "expected_layout": e.expected_layout}
+        except Exception as e:  # noqa: BLE001 - one broken dataset (bad CSV, broken shard, ...) must not stop the suite
+            log.error("%s failed: %s", spec.name, e)
+            run.results[spec.name] = {"status": "error", "root": str(root), "error": f"{type(e).__name__}: {e}",
+                                      "traceback": traceback.format_exc(limit=3)}
     return run
-
-
-def _record_error(run: SuiteRun, spec: DatasetSpec, root: Path, e: Exception) -> None:
-    log.error("%s failed: %s", spec.name, e)
-    run.results[spec.name] = {"status": "error", "root": str(root), "error": f"{type(e).__name__}: {e}",
-                              "traceback": traceback.format_exc(limit=3)}
 
 
 def limit_dataset(ds: Any, limit: int | None, seed: int = 0) -> Any:
