@@ -174,11 +174,33 @@ def test_jobs_get_a_share_of_the_cores_or_a_gpu_each(monkeypatch):
     assert [runner.slot_env(s, 2)[0]["CUDA_VISIBLE_DEVICES"] for s in range(3)] == ["0", "1", "0"]
 
 
+_SLOW_STEPS = """
+import time
+from msclip.train import loop
+
+_step = loop.TrainLoop.train_step
+
+
+def _slow_step(self, micro):
+    time.sleep(0.25)
+    return _step(self, micro)
+
+
+loop.TrainLoop.train_step = _slow_step
+"""
+
+
 def test_killing_the_study_stops_and_saves_its_runs_and_a_rerun_finishes_them(tmp_path, monkeypatch):
     """kill -9 of `msclip study --jobs 2`: its runs get SIGTERM instead of training on as orphans (which a
     re-run would find holding their folders), save the step they are in and stop; a re-run resumes them."""
-    over = [f"output_dir={tmp_path}", "recipe.train.steps=60", "recipe.checkpoint.every=0"]  # saved: only at the stop
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    over = [f"output_dir={tmp_path}", "recipe.train.steps=30", "recipe.checkpoint.every=0"]  # saved: only at the stop
+    # the killed processes' steps are slowed (a sitecustomize), so neither run can finish before the other has
+    # started, however unevenly they start; the in-process re-run below trains at full speed
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SLOW_STEPS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(hook), str(Path(__file__).parents[1] / "src")])}
     study = spawn([sys.executable, "-m", "msclip", "study", "--preset", "smoke", "--jobs", "2", *over], env=env,
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = [tmp_path / "smoke" / "runs" / f"{m}-seed0" for m in ("clip-b32-tiny", "msclip-b32-tiny")]
@@ -194,13 +216,13 @@ def test_killing_the_study_stops_and_saves_its_runs_and_a_rerun_finishes_them(tm
         time.sleep(0.05)
     for run in runs:
         steps = [s for s, _ in list_checkpoints(checkpoint_dir(run))]
-        assert steps and max(steps) < 60, run
+        assert steps and max(steps) < 30, run
         assert "msclip train: stopped" in (run.parent / f"{run.name}.train.log").read_text(), run
 
     calls = _counting_train(monkeypatch)
     runner.run_study(load_study(preset="smoke", overrides=over), write=lambda line: None)
     assert sorted((name, start > 0, end) for name, _, start, end in calls) == [
-        ("clip-b32-tiny-seed0", True, 60), ("msclip-b32-tiny-seed0", True, 60)]
+        ("clip-b32-tiny-seed0", True, 30), ("msclip-b32-tiny-seed0", True, 30)]
 
 
 def _group_alive(pgid: int) -> bool:
