@@ -4,9 +4,13 @@ library at the bottom; and no module imports a `_private` name from another pack
 from __future__ import annotations
 
 import ast
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+from proc_utils import run_logged
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "msclip"
 # package -> packages it must never import ("core" = the top-level modules: model library, io, errors, ...)
@@ -163,3 +167,23 @@ def test_one_logger_naming_scheme() -> None:
                 if [ast.unparse(a) for a in node.args] != ["__name__"]:
                     bad.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
     assert not bad, "loggers must be logging.getLogger(__name__):\n" + "\n".join(bad)
+
+
+_STARTUP = """
+import sys
+import msclip.cli, msclip.train.main, msclip.commands.info, msclip.study.runner
+from msclip.tokenizer import Tokenizer
+from msclip.eval.templates import imagenet_classnames
+assert Tokenizer()("a photo of a cat.")[0, :3].tolist() == [49406, 320, 1125]
+assert len(imagenet_classnames()) == 1000
+print(sorted(m for m in ("torchvision", "open_clip", "torch._dynamo") if m in sys.modules))
+"""
+
+
+def test_start_up_imports_neither_torchvision_nor_open_clips_package() -> None:
+    # torchvision imports torch._dynamo (as long as importing torch); open_clip's package imports torchvision.
+    # A process that only trains on in-memory data, tokenizes or prints (`msclip info`) never needs them.
+    env = {**os.environ, "PYTHONPATH": str(SRC.parent), "OMP_NUM_THREADS": "1"}
+    proc = run_logged([sys.executable, "-c", _STARTUP], env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[]"], f"imported at start-up: {proc.stdout.strip()}"

@@ -12,12 +12,12 @@ from typing import Sequence
 
 import torch
 
+from .open_clip_files import open_clip_module
+
 
 @lru_cache(maxsize=1)
 def _bpe():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+    return open_clip_module("tokenizer").SimpleTokenizer()
 
 
 class Tokenizer:

@@ -23,23 +23,34 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import IO, Sequence, Union
+from typing import IO, TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from .config import PreprocessCfg
 
-_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-           "nearest": T.InterpolationMode.NEAREST}
+if TYPE_CHECKING:
+    from torchvision.transforms import Compose
+
 _PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                  "nearest": Image.Resampling.NEAREST}
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop default aspect range (CLIP uses it)
 
 Encoded = Union[bytes, str, "os.PathLike[str]", IO[bytes]]
 Box = tuple[int, int, int, int]  # (top, left, height, width) in the full image's pixels
+
+
+def _torchvision_transforms() -> Any:
+    """torchvision.transforms, imported on first use: importing torchvision imports torch._dynamo, which
+    doubles the start-up of every process (`msclip info`, each training rank) that never needs it."""
+    from torchvision import transforms
+    return transforms
+
+
+def _interpolation(name: str) -> Any:
+    return getattr(_torchvision_transforms().InterpolationMode, name.upper())
 
 
 class UndecodableImage(Exception):
@@ -81,11 +92,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return to_8bit(image).convert("RGB")
 
 
-def image_transform(cfg: PreprocessCfg, image_size: int, is_train: bool) -> T.Compose | TrainTransform:
+def image_transform(cfg: PreprocessCfg, image_size: int, is_train: bool) -> Compose | TrainTransform:
     """Eval: resize (shorter side, or squash) + centre crop; train: random resized crop as in CLIP."""
     if is_train:
         return TrainTransform(image_size, tuple(cfg.train_crop_scale), cfg)
-    interp = _INTERP[cfg.interpolation]
+    T = _torchvision_transforms()
+    interp = _interpolation(cfg.interpolation)
     if cfg.resize_mode == "squash":
         steps = [T.Resize((image_size, image_size), interpolation=interp)]
     else:
@@ -132,9 +144,18 @@ class TrainTransform:
         self.size, self.scale, self.ratio = int(size), (float(scale[0]), float(scale[1])), CROP_RATIO
         self.interpolation = cfg.interpolation
         self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
-        self.reference = T.Compose([
-            T.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio, interpolation=_INTERP[cfg.interpolation]),
-            to_rgb, T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)])
+        self._reference: Compose | None = None
+
+    @property
+    def reference(self) -> Compose:
+        """The torchvision pipeline (built on first use, so a run that never calls it never imports torchvision)."""
+        if self._reference is None:
+            T = _torchvision_transforms()
+            self._reference = T.Compose([
+                T.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio,
+                                    interpolation=_interpolation(self.interpolation)),
+                to_rgb, T.ToTensor(), T.Normalize(mean=self.mean, std=self.std)])
+        return self._reference
 
     def __repr__(self) -> str:
         return f"TrainTransform(size={self.size}, scale={self.scale}, interpolation={self.interpolation!r})"
@@ -144,7 +165,8 @@ class TrainTransform:
 
     def crop_box(self, image: Image.Image) -> Box:
         """A box drawn as torchvision's RandomResizedCrop draws it; needs only the header (``image.size``)."""
-        return tuple(T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio)))  # type: ignore
+        crop = _torchvision_transforms().RandomResizedCrop
+        return tuple(crop.get_params(image, list(self.scale), list(self.ratio)))  # type: ignore
 
     def open_reduced(self, source: Encoded) -> tuple[Image.Image, Box, float]:
         """``(decoded image, box in full-image pixels, reduction s)``: the image is the full one scaled by 1/s

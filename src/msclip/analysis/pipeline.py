@@ -24,6 +24,7 @@ from msclip.eval.features import SafeDataset, encode_tokens, extract_image_featu
 from msclip.eval.imagefolder import scan_images
 from msclip.eval.loading import eval_transform
 from msclip.eval.retrieval import ImageSource
+from msclip.open_clip_files import open_clip_module
 
 from .attention_maps import denormalize, save_image_attention, save_text_attention
 from .modality import layerwise_nmi, modality_gap, modality_nmi
@@ -92,9 +93,7 @@ def check_counts(n_images: int, n_texts: int, what: str) -> None:
 
 def _token_strings(ids: list[int]) -> list[str]:
     try:  # readable labels when open_clip's BPE decoder is installed; ids otherwise
-        from open_clip.tokenizer import SimpleTokenizer
-
-        dec = SimpleTokenizer().decoder
+        dec = open_clip_module("tokenizer").SimpleTokenizer().decoder
         return [dec.get(i, str(i)).replace("</w>", "") for i in ids]
     except ImportError:
         return [str(i) for i in ids]

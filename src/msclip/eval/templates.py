@@ -17,6 +17,7 @@ from typing import Sequence
 
 from msclip.data.formats import read_list_file
 from msclip.errors import MsclipError
+from msclip.open_clip_files import open_clip_module
 
 BUILTIN_TEMPLATE_SETS = ("imagenet80", "simple", "generic", "fashion_mnist")
 # Four everyday prompts that need no extra package: the default of in-training zero-shot on a folder.
@@ -52,7 +53,7 @@ class TemplateSet:
 
 def _metadata():
     try:
-        from open_clip import zero_shot_metadata
+        zero_shot_metadata = open_clip_module("zero_shot_metadata")
     except ImportError as e:  # the GPU image has no open_clip
         raise TemplateError(
             "the built-in ImageNet class names / templates come from open_clip_torch, which is not "

@@ -32,6 +32,7 @@ from msclip.train.recipe import Recipe, RecipeError
 from msclip.train.run_folder import EXPORT_NAME, prepare_run_dir
 from msclip.train.scheduler import WarmupCosine
 from msclip.train.stop import StopRequest
+from msclip.transforms import image_transform
 from msclip.train.state import (capture_rng, check_same_model, checkpoint_path, load_part, load_resume_state,
                                 load_train_state, nonfinite_tensors,
                                 save_train_state)
@@ -87,11 +88,14 @@ def _data(recipe: Recipe, train_tf: Any, tokenizer: Any, env: D.DistEnv) -> Any:
                             world_size=env.world_size, seed=recipe.seed, epoch=0)
 
 
-def _zeroshot(recipe: Recipe, eval_tf: Any, tokenizer: Any, env: D.DistEnv,
+def _zeroshot(recipe: Recipe, model: MSCLIP, tokenizer: Any, env: D.DistEnv,
               autocast: Any) -> Callable[[nn.Module], dict] | None:
     """eval/'s in-training zero-shot (the classifier and metrics of ``msclip zeroshot``); None when off."""
+    if recipe.zeroshot.kind is None:
+        return None  # and the eval transform (torchvision, slow to import) is never built
     from msclip.eval.in_training import build_zeroshot_evaluator
 
+    eval_tf = image_transform(model.cfg.preprocess, model.cfg.vision.image_size, is_train=False)
     return build_zeroshot_evaluator(recipe, eval_tf, tokenizer, env.device, autocast)
 
 
@@ -126,7 +130,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None, overwrite: bool = Fa
 def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bool, stop: StopRequest,
            t_start: float, held: contextlib.ExitStack) -> TrainResult:
     run_dir = prepare_run_dir(_run_dir(recipe, env), recipe, env, overwrite, held)
-    model, train_tf, eval_tf, tokenizer = _build_model(recipe, env)
+    model, train_tf, tokenizer = _build_model(recipe, env)
     data = _data(recipe, train_tf, tokenizer, env)
     plan = plan_steps(recipe, data.num_batches, env.world_size)
     t = recipe.train
@@ -143,7 +147,7 @@ def _train(recipe: Recipe, env: D.DistEnv, stop_after: int | None, overwrite: bo
     if resume:
         state, rng = _load_resume(*resume, env, model, optimizer, scheduler, scaler, loss_fn)
 
-    zs = _zeroshot(recipe, eval_tf, tokenizer, env, precision.autocast) if env.is_master else None
+    zs = _zeroshot(recipe, model, tokenizer, env, precision.autocast) if env.is_master else None
     if env.is_master:
         log.info("run %s: %s, %d steps (%d per epoch), global batch %d, precision %s, %d process(es); params %s",
                  run_dir, recipe.model, plan.total, plan.steps_per_epoch, plan.global_batch, precision.name,
@@ -212,13 +216,13 @@ def _log_summary(logger: RunLogger, loop: TrainLoop, total: int, skips: dict[str
 
 # --- set-up ---------------------------------------------------------------------------------------------
 
-def _build_model(recipe: Recipe, env: D.DistEnv) -> tuple[MSCLIP, Any, Any, Any]:
+def _build_model(recipe: Recipe, env: D.DistEnv) -> tuple[MSCLIP, Any, Any]:
     flags = configure_backends(env.device, tf32=recipe.train.tf32, deterministic=recipe.train.deterministic)
     if flags and env.is_master:
         log.info("CUDA backend flags: %s", flags)
     seed_everything(recipe.seed)  # identical init on every rank
-    model, train_tf, eval_tf = msclip.create_model_and_transforms(recipe.model, pretrained=recipe.pretrained,
-                                                                  device=env.device)
+    model = msclip.create_model(recipe.model, pretrained=recipe.pretrained, device=env.device)
+    train_tf = image_transform(model.cfg.preprocess, model.cfg.vision.image_size, is_train=True)
     tokenizer = msclip.get_tokenizer(recipe.model)
     if recipe.logit_scale_init is not None or recipe.train.loss == "siglip":  # SigLIP starts at t = 10
         init = recipe.logit_scale_init if recipe.logit_scale_init is not None else math.log(10)
@@ -229,7 +233,7 @@ def _build_model(recipe: Recipe, env: D.DistEnv) -> tuple[MSCLIP, Any, Any, Any]
         model.set_grad_checkpointing(True)
     model.train()
     seed_everything(recipe.seed + env.rank)  # per-rank augmentation / dropout streams
-    return model, train_tf, eval_tf, tokenizer
+    return model, train_tf, tokenizer
 
 
 @dataclass
