@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from .config import ModelCfg
 from .convert import CheckpointMismatch, check_mismatch, from_official, looks_official, tensor_problem, to_official
 from .errors import MissingFileError, MsclipError
-from .io import atomic_write, torch_save
+from .io import atomic_write, torch_save, torch_writer
 
 FORMAT_VERSION = 1
 _PREFIXES = ("module.", "_orig_mod.")
@@ -120,18 +120,21 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
     """Save weights + config (`.safetensors`, or a torch file otherwise) atomically."""
-    path = Path(path)
+    atomic_write(path, weights_writer(model, path))
+
+
+def weights_writer(model: nn.Module, path: str | os.PathLike) -> Callable[[str], None]:
+    """The `write(tmp)` of `save_pretrained`'s file (for a group of files written together, `io.atomic_write_many`)."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = model.cfg.to_dict()
-    if path.suffix == ".safetensors":
+    if Path(path).suffix == ".safetensors":
         from safetensors.torch import save_file
 
         meta = {"msclip_config": json.dumps(config), "msclip_format": str(FORMAT_VERSION)}
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
-    else:
-        torch_save({"msclip_format": FORMAT_VERSION, "model_config": config, "state_dict": state}, path)
+        return lambda tmp: save_file(state, tmp, metadata=meta)
+    return torch_writer({"msclip_format": FORMAT_VERSION, "model_config": config, "state_dict": state})
 
 
 def save_official(model: nn.Module, path: str | os.PathLike) -> None:

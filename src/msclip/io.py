@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import MissingFileError, MsclipError
 
@@ -118,9 +118,8 @@ def make_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)` to fill a temporary file, then move it durably over `path`."""
-    path = Path(path)
+def _filled_temporary(path: Path, write: Callable[[str], None]) -> str:
+    """A temporary beside `path`, filled by `write(tmp)`, fsynced, with the umask's permissions; removed on failure."""
     make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
@@ -129,24 +128,73 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as f:  # the writer may have used its own handle: flush it to disk here
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _discard(tmp)
         if _is_write_failure(err):
             raise WriteError(_describe(err, path)) from err
         raise
+    return tmp
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def _move_into_place(filled: list[tuple[str, Path]]) -> None:
+    """Rename each temporary over its path, in order, then make the renames durable."""
+    for i, (tmp, path) in enumerate(filled):
+        try:
+            os.replace(tmp, path)
+        except BaseException as err:
+            for rest, _ in filled[i:]:
+                _discard(rest)
+            if _is_write_failure(err):
+                raise WriteError(_describe(err, path)) from err
+            raise
+    for folder in dict.fromkeys(path.parent for _, path in filled):
+        fsync_dir(folder)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` to fill a temporary file, then move it durably over `path`."""
+    path = Path(path)
+    _move_into_place([(_filled_temporary(path, write), path)])
     return path
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_many(writes: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[Path]:
+    """Files that belong together (embeddings and their names, a model folder): every temporary is filled and
+    fsynced before any is renamed, so a failed write (a full disk, Ctrl-C) leaves all of them as they were.
+    The renames, which need no space, follow in the order given: put the file that marks the set complete last."""
+    filled: list[tuple[str, Path]] = []
+    try:
+        for path, write in writes:
+            filled.append((_filled_temporary(Path(path), write), Path(path)))
+    except BaseException:
+        for tmp, _ in filled:
+            _discard(tmp)
+        raise
+    _move_into_place(filled)
+    return [path for _, path in filled]
+
+
+def bytes_writer(data: bytes) -> Callable[[str], None]:
+    """The `write(tmp)` of `data` for atomic_write / atomic_write_many (the other *_writer likewise)."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-    return atomic_write(path, write)
+    return write
+
+
+def json_writer(obj: Any, indent: int | None = 2) -> Callable[[str], None]:
+    return bytes_writer((json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, bytes_writer(data))
 
 
 def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
@@ -154,7 +202,7 @@ def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> P
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    return atomic_write(path, json_writer(obj, indent))
 
 
 def _through_file(tmp: str, dump: Callable[[Any], None]) -> None:
@@ -188,26 +236,36 @@ class _ErrnoKeepingFile:
         self.file.flush()
 
 
-def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+def torch_writer(obj: Any) -> Callable[[str], None]:
     import torch
 
-    return atomic_write(path, lambda tmp: _through_file(tmp, lambda f: torch.save(obj, f)))
+    return lambda tmp: _through_file(tmp, lambda f: torch.save(obj, f))
 
 
-def numpy_save(path: str | os.PathLike, array: Any) -> Path:
+def numpy_writer(array: Any) -> Callable[[str], None]:
     import numpy as np
 
     # a file object, not the name: np.save would append ".npy" to a bare name
-    return atomic_write(path, lambda tmp: _through_file(tmp, lambda f: np.save(f, array)))
+    return lambda tmp: _through_file(tmp, lambda f: np.save(f, array))
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files a killed process left in `folder`; returns what was removed."""
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    return atomic_write(path, torch_writer(obj))
+
+
+def numpy_save(path: str | os.PathLike, array: Any) -> Path:
+    return atomic_write(path, numpy_writer(array))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Delete temporary files a killed process left in `folder` (only those of the files `names`, when given:
+    a folder shared with other writers); returns what was removed."""
     folder = Path(folder)
+    prefixes = tuple(f"{TMP_PREFIX}{n}." for n in names) if names is not None else (TMP_PREFIX,)
     removed = []
     if folder.is_dir():
         for p in folder.iterdir():
-            if p.name.startswith(TMP_PREFIX) and p.is_file():
+            if p.name.startswith(prefixes) and p.is_file():
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from . import io
-from .checkpoint import embedded_config, save_pretrained as save_weights_file
+from .checkpoint import embedded_config, save_pretrained as save_weights_file, weights_writer
 from .config import ConfigError, ModelCfg, read_json_object
 from .errors import MissingFileError, MsclipError
 from .version import __version__
@@ -78,11 +78,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, recipe: Any = 
     if path.exists() and not path.is_dir():
         raise MsclipError(f"{path} exists and is not a folder")
     cfg = model.cfg
-    # The weights file also carries the config in its metadata, so it works alone as --pretrained.
-    save_weights_file(model, path / WEIGHTS_NAME)
-    io.write_json(path / PREPROCESS_NAME, preprocess_spec(cfg))
-    io.write_text(path / CARD_NAME, model_card(model, recipe=recipe, data=data, results=results))
-    io.write_json(path / CONFIG_NAME, cfg.to_dict())  # last: a folder with a config is complete
+    card = model_card(model, recipe=recipe, data=data, results=results)
+    # The weights file also carries the config in its metadata, so it works alone as --pretrained. The four
+    # files are written together: a failed write (a full disk) leaves an earlier export in the folder whole.
+    files = [(WEIGHTS_NAME, weights_writer(model, path / WEIGHTS_NAME)),
+             (PREPROCESS_NAME, io.json_writer(preprocess_spec(cfg))), (CARD_NAME, io.bytes_writer(card.encode())),
+             (CONFIG_NAME, io.json_writer(cfg.to_dict()))]  # renamed last: a folder with a config is complete
+    io.remove_stale_temporaries(path, [name for name, _ in files])
+    io.atomic_write_many([(path / name, write) for name, write in files])
     return path
 
 

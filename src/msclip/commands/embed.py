@@ -39,7 +39,6 @@ def _items(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msclip import io as mio
     from msclip.eval.embed import SUFFIXES, embed_images, embed_texts, sidecar_path, write_embeddings
     from msclip.eval.loading import load_model, model_report, resolve_checkpoint
 
@@ -72,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds, "per_second": emb.shape[0] / seconds if seconds > 0 else None,
             "skipped_count": len(skipped), "skipped": skipped, "names": names}
     write_embeddings(emb, args.output, {"kind": kind, "model": args.model, "count": str(emb.shape[0]),
-                                        "names_file": os.path.basename(sidecar)})
-    mio.write_json(sidecar, meta)
+                                        "names_file": os.path.basename(sidecar)}, sidecar=meta)
     print(f"embedded {emb.shape[0]} {kind} ({len(skipped)} skipped) with {args.model} in {seconds:.1f} s "
           f"-> {args.output} (+ names in {sidecar})")
     for s in skipped[:5]:

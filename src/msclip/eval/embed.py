@@ -47,11 +47,20 @@ def _dtype(model: Any) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def write_embeddings(emb: torch.Tensor, path: str, metadata: dict[str, str]) -> None:
-    """`.npy` (always float32: numpy has no bfloat16) or `.safetensors` (tensor "embeddings", as computed)."""
+def write_embeddings(emb: torch.Tensor, path: str, metadata: dict[str, str], sidecar: dict | None = None) -> None:
+    """`.npy` (always float32: numpy has no bfloat16) or `.safetensors` (tensor "embeddings", as computed); with
+    `sidecar`, its JSON too (row names, model; ``sidecar_path``). The two are written together
+    (``mio.atomic_write_many``): a failed write leaves the earlier pair, whose row i is still names[i].
+    Temporaries that a killed run left for these two files are removed first."""
     if path.endswith(".npy"):
-        mio.numpy_save(path, emb.float().numpy())
+        write = mio.numpy_writer(emb.float().numpy())
     else:
         from safetensors.torch import save_file
 
-        mio.atomic_write(path, lambda tmp: save_file({"embeddings": emb.contiguous()}, tmp, metadata=metadata))
+        def write(tmp: str) -> None:
+            save_file({"embeddings": emb.contiguous()}, tmp, metadata=metadata)
+    writes: list = [(path, write)]
+    if sidecar is not None:
+        writes.append((sidecar_path(path), mio.json_writer(sidecar)))
+    mio.remove_stale_temporaries(Path(path).parent, [Path(p).name for p, _ in writes])
+    mio.atomic_write_many(writes)
