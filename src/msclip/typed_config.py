@@ -332,9 +332,11 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = Mscl
         raise error(f"{what} not found: {path}")
     text = read_user_text(path, what, error)
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise error(f"{path}: invalid YAML: {e}") from None
+    if data is None:  # empty, or only comments; `[]`, `0`, `false` or `''` are not mappings
+        data = {}
     if not isinstance(data, dict):
         raise error(f"{path}: a {what} is a mapping of fields, got {type(data).__name__}")
     return data

@@ -202,6 +202,23 @@ def _file(path: Path, meta: dict, role: str) -> Path:
     return path / name
 
 
+def _read_items(path: Path) -> list[Item]:
+    with open(path, encoding="utf-8") as f:
+        return [Item.from_json(json.loads(line)) for line in f if line.strip()]
+
+
+def _read_part(path: Path, meta: dict, role: str, read: Any) -> Any:
+    """`read(file)` of the index's `role` file; a damaged file (cut short, overwritten, not this format) is an
+    IndexStoreError naming it, not the reader's own traceback."""
+    file = _file(path, meta, role)
+    try:
+        return read(file)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:  # faiss raises RuntimeError
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise IndexStoreError(f"index {str(path)!r}: its {role} file {str(file)!r} is damaged ({detail}); "
+                              "rebuild it with `msclip index --rebuild`") from None
+
+
 def read_meta(path: str | os.PathLike) -> dict | None:
     meta_path = Path(path) / META
     if not meta_path.is_file():
@@ -210,7 +227,7 @@ def read_meta(path: str | os.PathLike) -> dict | None:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise IndexStoreError(f"{meta_path}: unreadable ({e}); rebuild the index with --rebuild") from None
-    if meta.get("format") != FORMAT or meta.get("kind") != "msclip-index":
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") != "msclip-index":
         raise IndexStoreError(f"{meta_path}: not an msclip index (format {FORMAT})")
     return meta
 
@@ -223,12 +240,14 @@ def load_index(path: str | os.PathLike) -> IndexStore:
     meta = read_meta(path)
     if meta is None:
         raise MissingFileError(f"index {str(path)!r} does not exist (no {META}); build it with `msclip index`")
-    with open(_file(path, meta, "items"), encoding="utf-8") as f:
-        items = [Item.from_json(json.loads(line)) for line in f if line.strip()]
-    features = np.load(_file(path, meta, "features"))
-    index = faiss.deserialize_index(np.fromfile(_file(path, meta, "index"), dtype=np.uint8))
-    counts = {"meta": meta["count"], "items": len(items), "features": features.shape[0], "faiss": index.ntotal}
-    if len(set(counts.values())) != 1 or features.shape[1] != meta["dim"] or index.d != meta["dim"]:
+    items = _read_part(path, meta, "items", _read_items)
+    features = _read_part(path, meta, "features", lambda f: np.load(f, allow_pickle=False))
+    index = _read_part(path, meta, "index", lambda f: faiss.deserialize_index(np.fromfile(f, dtype=np.uint8)))
+    if features.ndim != 2:
+        raise IndexStoreError(f"index {str(path)!r}: the features file holds a {features.ndim}-d array, not "
+                              "[rows, dim]; rebuild it with `msclip index --rebuild`")
+    counts = {"meta": meta.get("count"), "items": len(items), "features": features.shape[0], "faiss": index.ntotal}
+    if len(set(counts.values())) != 1 or features.shape[1] != meta.get("dim") or index.d != meta.get("dim"):
         raise IndexStoreError(f"index {str(path)!r} is inconsistent (rows: {counts}; dim {meta['dim']}); "
                               "rebuild it with `msclip index --rebuild`")
     return IndexStore(path, meta, items, features, index)

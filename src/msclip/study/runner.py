@@ -231,10 +231,18 @@ def _run_parallel(spec: StudySpec, todo: list[RunPlan], jobs: int, progress: Pro
 
 
 def _read_eval(plan: RunPlan) -> dict[str, Any] | None:
-    import json
-
     path = plan.run_dir / M.EVAL_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    again = "delete it to evaluate the run again"
+    try:
+        result = mio.read_user_json(path, f"run {plan.name}'s evaluation")
+    except MsclipError as err:
+        raise MsclipError(f"{err}; {again}") from None
+    if not isinstance(result, dict):
+        raise MsclipError(f"{path}: run {plan.name}'s evaluation is a JSON object, got {type(result).__name__}; "
+                          f"{again}")
+    return result
 
 
 def collect(spec: StudySpec, *, evaluate_missing: bool = True) -> dict[str, Any]:
