@@ -102,7 +102,8 @@ def image_transform(cfg: PreprocessCfg, image_size: int, is_train: bool) -> Comp
         steps = [T.Resize((image_size, image_size), interpolation=interp)]
     else:
         steps = [T.Resize(image_size, interpolation=interp), T.CenterCrop(image_size)]
-    return T.Compose(steps + [to_rgb, T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)])
+    # RGB first: PIL resamples a palette image with nearest whatever filter is asked for
+    return T.Compose([to_rgb, *steps, T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)])
 
 
 @dataclass
@@ -152,9 +153,9 @@ class TrainTransform:
         if self._reference is None:
             T = _torchvision_transforms()
             self._reference = T.Compose([
-                T.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio,
-                                    interpolation=_interpolation(self.interpolation)),
-                to_rgb, T.ToTensor(), T.Normalize(mean=self.mean, std=self.std)])
+                to_rgb, T.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio,
+                                            interpolation=_interpolation(self.interpolation)),
+                T.ToTensor(), T.Normalize(mean=self.mean, std=self.std)])
         return self._reference
 
     def __repr__(self) -> str:

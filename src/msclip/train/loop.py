@@ -284,7 +284,8 @@ class TrainLoop:
     def _maybe_save(self, result: StepResult) -> None:
         st, every = self.state, self.cfg.save_every
         done = st.step == self.cfg.total_steps
-        if result.ok and (done or (every > 0 and st.step % every == 0)):
+        # the end is always saved: a skipped last step changed no weight (and every save is checked finite)
+        if done or (result.ok and every > 0 and st.step % every == 0):
             self._save()
 
     def _save(self) -> None:

@@ -295,7 +295,8 @@ class CheckpointWriter:
 
     def __call__(self, st: LoopState, epoch_rng: dict) -> str:
         # never save non-finite weights (every rank holds the same weights, so all take the same decision)
-        bad = nonfinite_tensors(self.model.state_dict())
+        loss_state = self.loss_fn.state_dict() if self.loss_fn is not None else {}
+        bad = nonfinite_tensors({**self.model.state_dict(), **{f"loss.{k}": v for k, v in loss_state.items()}})
         if bad:
             raise NonFiniteLossError(
                 f"step {st.step}: {len(bad)} weight tensor(s) are non-finite (e.g. {bad[0]}); not saving them. "
@@ -310,7 +311,7 @@ class CheckpointWriter:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else {},
                 "rng": rngs, "world_size": self.env.world_size, "total_steps": self.total_steps,
-                "loss": self.loss_fn.state_dict() if self.loss_fn is not None else {},
+                "loss": loss_state,
             }, keep_last=self.keep_last)
         self.last_finite = str(path)
         return str(path)

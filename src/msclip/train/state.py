@@ -149,7 +149,8 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
         raise TrainStateError(f"{path}: unreadable, truncated or damaged ({type(err).__name__}: {first})") from err
     if not isinstance(state, dict) or "optimizer" not in state or "step" not in state:
         raise TrainStateError(f"{path} is not a msclip train-state checkpoint (use pretrained= for plain weights)")
-    bad = nonfinite_tensors(state.get("model") or {})
+    loss = state.get("loss") if isinstance(state.get("loss"), dict) else {}  # SigLIP's learnable bias
+    bad = nonfinite_tensors({**(state.get("model") or {}), **{f"loss.{k}": v for k, v in loss.items()}})
     if bad:
         raise TrainStateError(f"{path}: {len(bad)} weight tensor(s) are non-finite (e.g. {bad[0]})")
     return state
