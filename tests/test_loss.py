@@ -1,4 +1,5 @@
-"""ClipLoss: equality with a naive full-matrix cross-entropy, and with a real 2-process gloo run."""
+"""ClipLoss: equality with a naive full-matrix cross-entropy; the exchange of both losses across 3 real gloo
+processes (tests/dist_scripts/loss_exchange_check.py: ClipLoss's all-gather, SigLipLoss's ring)."""
 from __future__ import annotations
 
 import json
@@ -52,24 +53,28 @@ def test_single_process_gather_is_identity() -> None:
     assert a is x and b is y
 
 
+WORLD = 3  # not 2: with 2 ranks both ring neighbours are one rank, so a reversed SigLIP ring would pass
+
+
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dist") / "loss.json"
-    run_torchrun([str(TESTS / "dist_scripts" / "clip_loss_check.py"), str(out)], timeout=120)
-    return json.loads(out.read_text())
+    run_torchrun([str(TESTS / "dist_scripts" / "loss_exchange_check.py"), str(out)], nproc=WORLD, timeout=150)
+    res = json.loads(out.read_text())
+    assert res["world_size"] == WORLD
+    return res
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("local_loss", [False, True])
-def test_two_process_matches_single_process(dist_results: dict, local_loss: bool) -> None:
-    """Loss and grads of a 2-rank gloo run equal one process on the global batch (1e-5).
+def test_clip_loss_across_ranks_matches_single_process(dist_results: dict, local_loss: bool) -> None:
+    """Loss and grads of a 3-rank gloo run equal one process on the global batch (1e-5).
 
     Convention checked: mean of rank losses == L; each rank's feature grads == W * dL/dx[its slice];
     mean of rank logit_scale grads == dL/ds; a DDP-wrapped toy model gets exactly the single-process
     parameter grads (DDP's averaging cancels the factor W).
     """
-    assert dist_results["world_size"] == 2
-    res = dist_results["results"]
+    res = dist_results["clip"]
     for key in (f"local={local_loss}/grad=True", f"local={local_loss}/ddp"):
         for name, diff in res[key].items():
             assert diff < 1e-5, (key, name, diff)
@@ -79,3 +84,14 @@ def test_two_process_matches_single_process(dist_results: dict, local_loss: bool
     assert set(no_grad) == {"loss", "scale_grad", "img_grad", "txt_grad"}
     for name, diff in no_grad.items():
         assert diff < 1e-5, (local_loss, name, diff)
+
+
+@pytest.mark.dist
+def test_siglip_ring_matches_full_batch(dist_results: dict) -> None:
+    """SigLipLoss's ring over 3 ranks: mean of rank losses == L on the concatenated batch; each rank's feature
+    grads == W * dL/dx of its slice; the bias's (already averaged) and the mean temperature grads == dL/db,
+    dL/ds; DDP-wrapped toy towers + the loss's bias get exactly the single-process parameter grads (1e-5)."""
+    res = dist_results["siglip"]
+    for name, diff in res.items():
+        assert diff < 1e-5, (name, diff)
+    assert set(res) >= {"loss", "img_grad", "txt_grad", "scale_grad", "bias_grad", "ddp_param_grad"}

@@ -81,8 +81,8 @@ def test_wheel_console_script_and_module(installed):
 @pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 def test_wheel_runs_the_demo_from_an_empty_folder(installed):
     work, env, script = installed
-    proc = _run([str(script), "demo", "--steps", "10", "--test-images", "1000"], cwd=work, env=env, timeout=600)
+    proc = _run([str(script), "demo", "--steps", "2", "--test-images", "200"], cwd=work, env=env, timeout=600)
     reports = list((work / "reports").rglob("*"))
     assert reports, f"the demo wrote no report under {work / 'reports'}\n{proc.stdout[-2000:]}"
     per_class = next(p for p in reports if p.name == "zeroshot.md").read_text()
-    assert "(1,000 test images)" in per_class
+    assert "(200 test images)" in per_class

@@ -1,6 +1,6 @@
-"""Run under ``torchrun --nproc_per_node W`` (gloo, CPU): trains a tiny model for a few accumulated steps
-with ``msclip.train.main.train`` and writes, at every checkpoint, each rank's own weights (a float64 sum per
-tensor) to ``OUT/rank<r>_step<s>.json``. Data-parallel training keeps every rank's weights identical; a
+"""Run under torchrun (gloo, CPU): ``train_sync_check.py OUT <msclip train arguments>`` runs ``msclip train``
+with its checkpoint writer also recording each rank's own weights (a float64 sum per tensor) at every
+checkpoint to ``OUT/rank<r>_step<s>.json``. Data-parallel training keeps every rank's weights identical; a
 rank that trained on its own gradients would drift away from the others (each rank sees different data).
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from msclip.cli import main as cli_main
 from msclip.train import main
-from msclip.train.recipe import recipe_from_dict
 
 OUT = Path(sys.argv[1])
 _write_checkpoint = main.CheckpointWriter.__call__
@@ -25,12 +25,4 @@ def write_and_record(self: main.CheckpointWriter, st: main.LoopState, epoch_rng:
 
 
 main.CheckpointWriter.__call__ = write_and_record  # every rank calls the writer (it gathers RNG states)
-recipe = recipe_from_dict({
-    "model": "clip-b32-tiny", "name": "sync", "output_dir": str(OUT), "seed": 0,
-    "data": {"kind": "synthetic", "num_samples": 32, "batch_size": 4, "workers": 0},
-    "optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup": 0},
-    "train": {"steps": 2, "accum_freq": 2, "precision": "fp32", "threads": 1},
-    "checkpoint": {"every": 1, "keep_last": 2},
-    "log": {"every": 1, "progress": False, "tensorboard": False},
-}, source="train_sync_check")
-main.train(recipe)
+sys.exit(cli_main(sys.argv[2:]))
