@@ -157,3 +157,32 @@ def test_missing_onnx_packages_are_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     with pytest.raises(ExportError, match=r"msclip\[export\].*onnxruntime is not installed"):
         onnx_sessions(tmp_path)
+
+
+def test_a_failed_onnx_export_leaves_the_earlier_one_whole(monkeypatch, tmp_path):
+    """The graphs and preprocess.json are written together: the text graph's conversion failing after the
+    image graph's was written leaves every file of the earlier export as it was, and no temporaries."""
+    import onnx
+
+    model = msclip.create_model("clip-b32-tiny")
+    out = tmp_path / "onnx"
+    out.mkdir()
+    earlier = {name: f"earlier {name}".encode() for name in [*FILES.values(), "preprocess.json"]}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    converted = []
+
+    class Converted:
+        model_proto = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+
+    def fake_export(program, args, **kw):
+        if converted:  # the second graph (the text encoder) fails, as a full disk or Ctrl-C would
+            raise KeyboardInterrupt
+        converted.append(program)
+        return Converted()
+
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx_module.export_onnx(model, out, programs={"image": "image program", "text": "text program"})
+    assert converted == ["image program"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier

@@ -27,7 +27,6 @@ from PIL import Image
 import msclip
 from msclip import io as mio
 from msclip.cli import main as cli
-from msclip.errors import MsclipError
 from msclip.index.store import load_index
 from msclip.train.state import checkpoint_dir, list_checkpoints, load_train_state
 from train_utils import tiny_recipe
@@ -163,8 +162,9 @@ def kill_point(where: str, name_part: str) -> None:
 # ------------------------------------------------------------------------- 1. a full disk
 def test_train_checkpoint_on_a_full_disk_stops_naming_it_and_resume_continues(tmp_path, monkeypatch, capsys):
     """ENOSPC at the step-2 checkpoint: exit 2 with "the disk is full" and the file; the step-1 checkpoint still
-    loads, no temporary is left, and resume=latest (after space is freed) finishes the run from it."""
-    recipe = tiny_recipe(tmp_path, "full", train__steps=2, checkpoint__every=1, checkpoint__keep_last=3)
+    loads (keep_last=1 prunes it only after its successor is written), no temporary is left, and resume=latest
+    (after space is freed) finishes the run from it."""
+    recipe = tiny_recipe(tmp_path, "full", train__steps=2, checkpoint__every=1, checkpoint__keep_last=1)
     cfg = tmp_path / "r.yaml"
     cfg.write_text(yaml.safe_dump(recipe.to_dict()))
     with monkeypatch.context() as m:
@@ -177,7 +177,7 @@ def test_train_checkpoint_on_a_full_disk_stops_naming_it_and_resume_continues(tm
     assert load_train_state(checkpoint_dir(run) / "step_00000001.pt")["step"] == 1
     assert temporaries(run) == [] and not (run / "model.safetensors").exists()
     assert run_cli(capsys, "train", "--config", cfg, "resume=latest")[0] == 0
-    assert [s for s, _ in list_checkpoints(checkpoint_dir(run))] == [1, 2]
+    assert [s for s, _ in list_checkpoints(checkpoint_dir(run))] == [2]
     assert load_train_state(checkpoint_dir(run) / "step_00000002.pt")["step"] == 2
     msclip.create_model(MODEL, pretrained=str(run / "model.safetensors"))
 

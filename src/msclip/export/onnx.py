@@ -82,28 +82,40 @@ def export_onnx(model: MSCLIP, output_dir: str | os.PathLike, *, opset: int | No
     t0 = time.perf_counter()
     programs = programs if programs is not None else export_encoders(model)
     seconds = {"torch_export": time.perf_counter() - t0}
-    graphs, opsets = {}, {}
-    for kind in KINDS:
-        t = time.perf_counter()
-        onnx_program = torch.onnx.export(programs[kind], (), dynamo=True, opset_version=opset,
-                                         output_names=[OUTPUT_NAME], verbose=False)
-        proto = onnx_program.model_proto
-        _name_dims(proto, {"images": ["batch"], "tokens": ["batch", "seq"]})
-        try:
-            data = proto.SerializeToString()
-        except ValueError as err:  # protobuf's 2 GB limit
-            raise ExportError(f"the {kind} encoder graph is too large for one ONNX file: {err}") from None
-        io.write_bytes(output_dir / FILES[kind], data)
-        opsets[kind] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-        graphs[kind] = _graph_spec(model, kind)
-        seconds[kind] = time.perf_counter() - t
-        log.info("%s encoder -> %s (%.1f MB, %.1f s)", kind, output_dir / FILES[kind], len(data) / 1e6, seconds[kind])
-    spec = {"model": model.cfg.name, "format": "onnx", "msclip_version": __version__,
-            "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
-            "opset": opsets["image"], "graphs": graphs,
-            "logit_scale": math.exp(model.logit_scale.detach().item()),  # the trained temperature
-            **preprocess_spec(model.cfg)}
-    io.write_json(output_dir / PREPROCESS_NAME, spec)
+    graphs, opsets, spec = {}, {}, {}
+
+    def graph_writer(kind: str) -> Callable[[str], None]:
+        def write(tmp: str) -> None:  # converted when its turn comes: one graph in memory at a time
+            t = time.perf_counter()
+            onnx_program = torch.onnx.export(programs[kind], (), dynamo=True, opset_version=opset,
+                                             output_names=[OUTPUT_NAME], verbose=False)
+            proto = onnx_program.model_proto
+            _name_dims(proto, {"images": ["batch"], "tokens": ["batch", "seq"]})
+            try:
+                data = proto.SerializeToString()
+            except ValueError as err:  # protobuf's 2 GB limit
+                raise ExportError(f"the {kind} encoder graph is too large for one ONNX file: {err}") from None
+            io.bytes_writer(data)(tmp)
+            opsets[kind] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+            graphs[kind] = _graph_spec(model, kind)
+            seconds[kind] = time.perf_counter() - t
+            log.info("%s encoder -> %s (%.1f MB, %.1f s)", kind, output_dir / FILES[kind], len(data) / 1e6,
+                     seconds[kind])
+        return write
+
+    def spec_writer(tmp: str) -> None:
+        spec.update({"model": model.cfg.name, "format": "onnx", "msclip_version": __version__,
+                     "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+                     "opset": opsets["image"], "graphs": graphs,
+                     "logit_scale": math.exp(model.logit_scale.detach().item()),  # the trained temperature
+                     **preprocess_spec(model.cfg)})
+        io.json_writer(spec)(tmp)
+
+    # The graphs and preprocess.json are written together: a failed export (a full disk, Ctrl-C) leaves an
+    # earlier export in the folder whole, never a new image graph beside an old text graph.
+    files = [(FILES[kind], graph_writer(kind)) for kind in KINDS] + [(PREPROCESS_NAME, spec_writer)]
+    io.remove_stale_temporaries(output_dir, [name for name, _ in files])
+    io.atomic_write_many([(output_dir / name, write) for name, write in files])
     return {**spec, "seconds": seconds}
 
 
