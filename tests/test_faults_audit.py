@@ -408,6 +408,7 @@ def test_garbage_recipe_and_study_files_are_one_error_naming_them(tmp_path, caps
     for cmd in ("train", "study"):
         rc, err = run_cli(capsys, cmd, "--config", path, f"output_dir={tmp_path / 'out'}")
         assert rc == 2 and err.startswith(f"msclip {cmd}: error: ") and str(path) in err, err
+        assert err.count("\n") == 1, err  # one line, a YAML parser's multi-line message included
     assert not (tmp_path / "out").exists()
 
 

@@ -334,7 +334,7 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = Mscl
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise error(f"{path}: invalid YAML: {e}") from None
+        raise error(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None  # one line, as every error
     if data is None:  # empty, or only comments; `[]`, `0`, `false` or `''` are not mappings
         data = {}
     if not isinstance(data, dict):
