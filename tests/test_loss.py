@@ -53,7 +53,7 @@ def test_single_process_gather_is_identity() -> None:
     assert a is x and b is y
 
 
-WORLD = 3  # not 2: with 2 ranks both ring neighbours are one rank, so a reversed SigLIP ring would pass
+WORLD = 3  # not 2: there both ring neighbours are one rank, so sending one way and receiving the other passes
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Audit of the training core: the losses against hand-computed values, a skipped step under BatchNorm, one
 optimiser update over micro-batches vs one big batch, the RNG state through a weights_only file, resume into
-a model whose keys or shapes differ, damaged model folders, device normalisation; and the bugs found
-(xfail until fixed). Tiny toy models, CPU, one thread (< 10 s)."""
+a model whose keys or shapes differ, the fp16 scaler and the mid-epoch RNG on resume, the train transform,
+damaged model folders, device normalisation; and the bugs found
+(fixed). Tiny toy models, CPU, one thread (< 10 s)."""
 from __future__ import annotations
 
 import copy
@@ -266,7 +267,81 @@ def test_uint8_normalisation_on_cuda_equals_the_cpu_one() -> None:
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-6)
 
 
-# --- bugs found by this audit (xfail until fixed) -------------------------------------------------------------
+def test_a_mid_epoch_resume_replays_the_epoch_order_then_continues_the_saved_random_stream() -> None:
+    """Resumed at batch 2 of an epoch: the loader is re-iterated from the epoch's starting RNG (same shuffle,
+    same per-batch draws), the 2 done batches are skipped, and then the global RNG is the one saved at the
+    checkpoint (not the one the replay left: the steps drew from it too), so what draws next continues exactly."""
+    from msclip.train.loop import ResumeRng
+
+    class Loader:
+        def __iter__(self):
+            for i in torch.randperm(6).tolist():  # the epoch's order, from the RNG at iter()
+                yield (i, torch.rand(1).item())  # a draw per batch
+
+    def loop_at(batch: int, rng: ResumeRng) -> TrainLoop:
+        loop = make_loop(BNToy(batchnorm=False))
+        loop.loader_factory = lambda epoch: Loader()
+        loop.cfg = LoopSettings(total_steps=6, steps_per_epoch=6, global_batch=8)
+        loop.state = LoopState(batch_in_epoch=batch)
+        loop.resume_rng = rng
+        return loop
+
+    torch.manual_seed(11)
+    first = loop_at(0, ResumeRng())
+    it = first._epoch_batches()
+    head = []
+    for _ in range(2):  # two steps, each drawing from the RNG itself after its batch (dropout, say)
+        head.append(next(it))
+        torch.rand(2)
+    saved = ResumeRng(now=capture_rng(), epoch=first.epoch_rng)
+    step_draw = torch.rand(3).tolist()  # what the training step after the checkpoint draws
+    rest = list(it)
+    assert len(head + rest) == 6
+
+    torch.manual_seed(999)  # a fresh process
+    resumed = loop_at(2, saved)
+    it = resumed._epoch_batches()
+    assert torch.rand(3).tolist() == step_draw
+    assert list(it) == rest
+
+
+def test_resume_restores_the_fp16_gradient_scaler(tiny_clip) -> None:
+    """The scaler's scale and growth tracker come back from the train state (else an fp16 run restarts at
+    2**16 and re-lives its overflows)."""
+    from msclip.train.main import _load_resume
+    from msclip.train.optim import build_optimizer
+    from msclip.train.recipe import OptimRecipe
+
+    opt = build_optimizer(tiny_clip, OptimRecipe(lr=1e-3), 8)
+    sched = WarmupCosine(opt, total=4)
+    old = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    saved_scaler = {**old.state_dict(), "scale": 1024.0, "_growth_tracker": 7}
+    saved = {"step": 1, "model": tiny_clip.state_dict(), "model_config": tiny_clip.cfg.to_dict(),
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "loop": LoopState(step=1).to_dict(),
+             "rng": [{"rng": capture_rng(), "epoch_rng": {}}], "loss": {}, "scaler": saved_scaler}
+    fresh = torch.amp.GradScaler("cpu")
+    _load_resume("ckpt.pt", saved, DistEnv(), tiny_clip, opt, sched, fresh, ClipLoss())
+    assert fresh.get_scale() == 1024.0 and fresh.state_dict()["_growth_tracker"] == 7
+
+
+def test_the_train_transform_uses_the_configs_crop_scale_and_gives_normalised_floats() -> None:
+    from msclip.transforms import TrainTransform, image_transform
+
+    cfg = PreprocessCfg(train_crop_scale=(0.5, 0.6))
+    tf = image_transform(cfg, 16, is_train=True)
+    assert isinstance(tf, TrainTransform) and tf.scale == (0.5, 0.6) and tf.size == 16
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8), "RGB")
+    for seed in range(5):
+        torch.manual_seed(seed)
+        top, left, h, w = tf.crop_box(img)
+        assert 0.5 * 1200 * 0.95 <= h * w <= 0.6 * 1200 * 1.05, (h, w)  # 50-60 % of the image (+- rounding)
+    out = tf(img)
+    lo = min((0 - m) / s for m, s in zip(cfg.mean, cfg.std))
+    hi = max((1 - m) / s for m, s in zip(cfg.mean, cfg.std))
+    assert out.shape == (3, 16, 16) and out.dtype == torch.float32 and lo - 1e-5 <= out.min() <= out.max() <= hi + 1e-5
+
+
+# --- bugs found by this audit (fixed) -----------------------------------------------------------------------
 
 def test_a_run_whose_last_step_is_skipped_still_writes_its_final_checkpoint(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
