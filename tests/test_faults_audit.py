@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import signal
 from pathlib import Path
@@ -295,9 +296,9 @@ def damaged_weights(assets):
     good_pt = assets["root"] / "tiny.pt"
     msclip.save_pretrained(msclip.create_model(MODEL), good_pt)
     st, pt = assets["ckpt"].read_bytes(), good_pt.read_bytes()
-    files = {"cut.safetensors": st[: len(st) // 2], "junk.safetensors": os.urandom(600),
+    files = {"cut.safetensors": st[: len(st) // 2], "junk.safetensors": random.Random(1).randbytes(600),
              "huge-header.safetensors": (10 ** 12).to_bytes(8, "little") + b"{}",
-             "cut.pt": pt[: len(pt) // 2], "junk.pt": os.urandom(600), "empty.pt": b""}
+             "cut.pt": pt[: len(pt) // 2], "junk.pt": random.Random(1).randbytes(600), "empty.pt": b""}
     out = {}
     for name, data in files.items():
         (assets["root"] / name).write_bytes(data)
@@ -351,7 +352,7 @@ def _damage(good: Path, tmp_path: Path, role: str, how: str) -> tuple[Path, Path
     meta = json.loads((good / "meta.json").read_text())
     p = ix / ("meta.json" if role == "meta" else meta["files"][role])
     data = p.read_bytes()
-    new = {"half": data[: len(data) // 2], "junk": os.urandom(max(len(data), 64)), "empty": b"",
+    new = {"half": data[: len(data) // 2], "junk": random.Random(2).randbytes(max(len(data), 64)), "empty": b"",
            "last-line-cut": data[:-5], "list": b"[1, 2]\n",
            "rows-without-source": b"".join(b'{"id": "%d.png"}\n' % i for i in range(meta["count"]))}[how]
     p.write_bytes(new)
@@ -400,7 +401,7 @@ def test_a_recipe_file_whose_top_level_is_not_a_mapping_is_refused(tmp_path, tex
         load_recipe(path, ["train.steps=1"])
 
 
-@pytest.mark.parametrize("data", [os.urandom(64) + b"\xff", b"- a\n- b\n", b"just text\n", b"a: [1\n",
+@pytest.mark.parametrize("data", [random.Random(0).randbytes(64) + b"\xff", b"- a\n- b\n", b"just text\n", b"a: [1\n",
                                   b"model: x\x00\n"])
 def test_garbage_recipe_and_study_files_are_one_error_naming_them(tmp_path, capsys, data):
     path = tmp_path / "f.yaml"
