@@ -182,7 +182,7 @@ _step = loop.TrainLoop.train_step
 
 
 def _slow_step(self, micro):
-    time.sleep(0.25)
+    time.sleep(0.5)  # 12 steps: at least 6 s for the other run to start
     return _step(self, micro)
 
 
@@ -193,7 +193,7 @@ loop.TrainLoop.train_step = _slow_step
 def test_killing_the_study_stops_and_saves_its_runs_and_a_rerun_finishes_them(tmp_path, monkeypatch):
     """kill -9 of `msclip study --jobs 2`: its runs get SIGTERM instead of training on as orphans (which a
     re-run would find holding their folders), save the step they are in and stop; a re-run resumes them."""
-    over = [f"output_dir={tmp_path}", "recipe.train.steps=30", "recipe.checkpoint.every=0"]  # saved: only at the stop
+    over = [f"output_dir={tmp_path}", "recipe.train.steps=12", "recipe.checkpoint.every=0"]  # saved: only at the stop
     # the killed processes' steps are slowed (a sitecustomize), so neither run can finish before the other has
     # started, however unevenly they start; the in-process re-run below trains at full speed
     hook = tmp_path / "hook"
@@ -216,13 +216,13 @@ def test_killing_the_study_stops_and_saves_its_runs_and_a_rerun_finishes_them(tm
         time.sleep(0.05)
     for run in runs:
         steps = [s for s, _ in list_checkpoints(checkpoint_dir(run))]
-        assert steps and max(steps) < 30, run
+        assert steps and max(steps) < 12, run
         assert "msclip train: stopped" in (run.parent / f"{run.name}.train.log").read_text(), run
 
     calls = _counting_train(monkeypatch)
     runner.run_study(load_study(preset="smoke", overrides=over), write=lambda line: None)
     assert sorted((name, start > 0, end) for name, _, start, end in calls) == [
-        ("clip-b32-tiny-seed0", True, 30), ("msclip-b32-tiny-seed0", True, 30)]
+        ("clip-b32-tiny-seed0", True, 12), ("msclip-b32-tiny-seed0", True, 12)]
 
 
 def _group_alive(pgid: int) -> bool:
