@@ -68,8 +68,39 @@ def test_a_failing_section_is_reported_and_the_rest_still_run(gc, monkeypatch: p
     assert "train      ok" in text and "jpeg       ok" in text
 
 
-@pytest.mark.dist
-def test_dist_section_two_gloo_ranks_stay_in_sync(gc) -> None:
+def test_dist_section_launches_its_worker_and_reports_it(gc, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         one_thread: None) -> None:
+    """The section's worker (DDP step, then every rank's weights against rank 0's) runs here as a 1-rank gloo
+    group, and the section launches it through torchrun with 2 processes and reads its report. (A 2-rank
+    launch of real processes: tests/test_multinode.py, tests/test_loss.py; on a lent GPU, with 2 of them.)"""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    out = tmp_path / "worker.json"
+    try:
+        gc.dist_worker(out, "cpu", "clip-b32-tiny")
+    finally:
+        if dist.is_initialized():  # the worker leaves a 1-process group alone
+            dist.destroy_process_group()
+    worker = json.loads(out.read_text())
+    assert worker["world_size"] == 1 and worker["max_weight_diff"] == 0 and worker["backend"] == "gloo"
+
+    launched = []
+
+    def fake_run(cmd, **kw):
+        launched.append(cmd)
+        Path(cmd[cmd.index("--dist-worker") + 1]).write_text(json.dumps({**worker, "world_size": 2}))
+        return gc.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(gc.subprocess, "run", fake_run)
     ck = gc.Check(device=torch.device("cpu"), smoke=True, batch=4, steps=1, budget_s=60)
     lines = gc.section_dist(ck)
-    assert ck.results["dist"]["world_size"] == 2 and ck.results["dist"]["max_weight_diff"] == 0, lines
+    (cmd,) = launched
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"] and cmd[4] == "2"
+    assert cmd[cmd.index("--model") + 1] == "clip-b32-tiny" and cmd[cmd.index("--device") + 1] == "cpu"
+    assert ck.results["dist"]["world_size"] == 2 and "x2: DDP bf16 step" in lines[0]
