@@ -11,7 +11,6 @@ nothing lost; re-runs safe; bad files are one `msclip <cmd>: error: ...` line wi
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -30,6 +29,7 @@ from msclip import io as mio
 from msclip.cli import main as cli
 from msclip.index.store import load_index
 from msclip.train.state import checkpoint_dir, list_checkpoints, load_train_state
+from fault_utils import FillsUp, disk_full
 from train_utils import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,55 +66,6 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-class _FillsUp:
-    """A file object whose disk fills up after `left` bytes: the write that would pass it writes what fits and
-    raises ENOSPC, as write(2) does."""
-
-    def __init__(self, f, left: int):
-        self.f, self.left = f, left
-
-    def write(self, data):
-        data = bytes(data)
-        if len(data) > self.left:
-            self.f.write(data[: self.left])
-            self.left = 0
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.left -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
-def disk_full(monkeypatch, name_part: str, left: int = 16) -> None:
-    """The disk is full for every msclip.io write of a file whose name contains `name_part` (its temporary file
-    is named after it); torch, numpy and the text writers all write through msclip.io's `open`. safetensors'
-    Rust writer opens the file itself: it gets its real error text for ENOSPC."""
-    def fake_open(file, mode="r", *a, **k):
-        f = _real_open(file, mode, *a, **k)
-        return _FillsUp(f, left) if "w" in mode and name_part in os.path.basename(str(file)) else f
-
-    monkeypatch.setattr(mio, "open", fake_open, raising=False)
-    import safetensors.torch as st
-    from safetensors import SafetensorError
-
-    real_save = st.save_file
-
-    def save_file(tensors, filename, metadata=None):
-        if name_part in os.path.basename(str(filename)):
-            Path(filename).write_bytes(b"\x00" * left)
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return real_save(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(st, "save_file", save_file)
-
-
 def temporaries(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(f"{mio.TMP_PREFIX}*"))
 
@@ -136,7 +87,7 @@ def kill_point(where: str, name_part: str) -> None:
     temporary is complete but not renamed ("before_rename"), or just after the rename ("after_rename")."""
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
     if where == "mid":
-        class Dies(_FillsUp):
+        class Dies(FillsUp):
             def write(self, data):
                 data = bytes(data)
                 self.f.write(data[: max(1, len(data) // 2)])

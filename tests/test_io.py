@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from msclip import io as mio
+from fault_utils import FillsUp
 
 
 @pytest.fixture
@@ -76,27 +77,7 @@ def test_a_full_disk_is_named_with_the_path(tmp_path: Path) -> None:
 def test_torch_save_on_a_full_disk_says_the_disk_is_full(tmp_path: Path, monkeypatch) -> None:
     """torch's C++ writer drops the errno of a failed write; torch_save must still report ENOSPC as a full disk."""
     real_open = open
-
-    class FillsUp:
-        def __init__(self, f):
-            self.f, self.left = f, 5000
-
-        def write(self, data):
-            if len(data) > self.left:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            self.left -= len(data)
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(mio, "open", lambda *a, **k: FillsUp(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(mio, "open", lambda *a, **k: FillsUp(real_open(*a, **k), 5000), raising=False)
     target = tmp_path / "step_10.pt"
     with pytest.raises(mio.WriteError, match=r"step_10\.pt: the disk is full"):
         mio.torch_save({"w": torch.zeros(100_000)}, target)
