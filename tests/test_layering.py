@@ -181,8 +181,8 @@ print(sorted(m for m in ("torchvision", "open_clip", "torch._dynamo") if m in sy
 
 
 def test_start_up_imports_neither_torchvision_nor_open_clips_package() -> None:
-    # torchvision imports torch._dynamo (as long as importing torch); open_clip's package imports torchvision.
-    # A process that only trains on in-memory data, tokenizes or prints (`msclip info`) never needs them.
+    # torchvision imports torch._dynamo (nearly as slow as torch); open_clip's package imports torchvision.
+    # A process that only tokenizes, reads files or prints (`msclip --help`, a study's parent) never needs them.
     env = {**os.environ, "PYTHONPATH": str(SRC.parent), "OMP_NUM_THREADS": "1"}
     proc = run_logged([sys.executable, "-c", _STARTUP], env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

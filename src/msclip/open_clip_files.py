@@ -2,8 +2,9 @@
 templates), loaded from their files without running open_clip's package ``__init__``.
 
 ``import open_clip.tokenizer`` first imports ``open_clip``, which imports its model code and torchvision,
-and torchvision imports ``torch._dynamo``: about as long as importing torch itself. msclip needs neither,
-so every process that tokenizes (each training rank, ``msclip info``) would start twice as slowly.
+and torchvision imports ``torch._dynamo``: nearly as long again as importing torch. Tokenizing needs none
+of it (a training process imports ``torch._dynamo`` anyway, through its optimizer; one that only tokenizes
+or reads files does not).
 """
 from __future__ import annotations
 

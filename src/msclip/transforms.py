@@ -43,8 +43,9 @@ Box = tuple[int, int, int, int]  # (top, left, height, width) in the full image'
 
 
 def _torchvision_transforms() -> Any:
-    """torchvision.transforms, imported on first use: importing torchvision imports torch._dynamo, which
-    doubles the start-up of every process (`msclip info`, each training rank) that never needs it."""
+    """torchvision.transforms, imported on first use: torchvision imports torch._dynamo, nearly as slow to
+    import as torch itself, and a process that builds no transform (`msclip --help`, a study's parent,
+    commands that only read files) need not pay for it."""
     from torchvision import transforms
     return transforms
 

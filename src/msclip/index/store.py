@@ -248,7 +248,7 @@ def load_index(path: str | os.PathLike) -> IndexStore:
                               "[rows, dim]; rebuild it with `msclip index --rebuild`")
     counts = {"meta": meta.get("count"), "items": len(items), "features": features.shape[0], "faiss": index.ntotal}
     if len(set(counts.values())) != 1 or features.shape[1] != meta.get("dim") or index.d != meta.get("dim"):
-        raise IndexStoreError(f"index {str(path)!r} is inconsistent (rows: {counts}; dim {meta['dim']}); "
+        raise IndexStoreError(f"index {str(path)!r} is inconsistent (rows: {counts}; dim {meta.get('dim')}); "
                               "rebuild it with `msclip index --rebuild`")
     return IndexStore(path, meta, items, features, index)
 

@@ -32,10 +32,10 @@ from msclip.train.recipe import Recipe, RecipeError
 from msclip.train.run_folder import EXPORT_NAME, prepare_run_dir
 from msclip.train.scheduler import WarmupCosine
 from msclip.train.stop import StopRequest
-from msclip.transforms import image_transform
 from msclip.train.state import (capture_rng, check_same_model, checkpoint_path, load_part, load_resume_state,
                                 load_train_state, nonfinite_tensors,
                                 save_train_state)
+from msclip.transforms import image_transform
 
 log = logging.getLogger(__name__)
 
