@@ -19,7 +19,7 @@ from msclip.train.loop import NonFiniteLossError, TrainLoop
 from msclip.train.main import train
 from msclip.train.state import list_checkpoints, load_train_state
 from proc_utils import spawn
-from train_utils import tiny_recipe
+from train_utils import slow_steps_hook, tiny_recipe
 
 EVERY_STEP = {"every": 1, "keep_last": 10}
 
@@ -149,7 +149,7 @@ def test_rerunning_a_run_name_without_resume_fails_and_changes_nothing(
 
 # --- graceful stop -------------------------------------------------------------------------------------
 
-STEPS = 40
+STEPS = 12
 CLI_RECIPE = ["--model", "clip-b32-tiny", "data.kind=synthetic", "data.num_samples=48", "data.batch_size=8",
               "data.workers=0", f"train.steps={STEPS}", "train.precision=fp32", "train.deterministic=true",
               "train.threads=1", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup=1", "seed=0",
@@ -157,8 +157,9 @@ CLI_RECIPE = ["--model", "clip-b32-tiny", "data.kind=synthetic", "data.num_sampl
               "log.tensorboard=false"]  # = tiny_recipe(train__steps=STEPS)
 
 
-def _msclip(*args: str, **kw: object) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+def _msclip(*args: str, first_on_path: Path | None = None, **kw: object) -> subprocess.Popen:
+    path = [str(p) for p in (first_on_path, Path(__file__).parents[1] / "src") if p is not None]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
     return spawn([sys.executable, "-m", "msclip", *args], env=env, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE, text=True, **kw)
 
@@ -173,7 +174,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
 def test_a_stop_signal_checkpoints_the_current_step_and_resumes_exactly(
         tmp_path: Path, sig: int, code: int, uninterrupted: dict[str, torch.Tensor]) -> None:
     run_dir = tmp_path / "sig"
-    proc = _msclip("train", *CLI_RECIPE, f"output_dir={tmp_path}", "name=sig")
+    # steps slowed to 0.3 s in the child: the signal surely lands mid-run (12 steps, resumed in-process at speed)
+    proc = _msclip("train", *CLI_RECIPE, f"output_dir={tmp_path}", "name=sig",
+                   first_on_path=slow_steps_hook(tmp_path, 0.3))
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 60
     while not (metrics.is_file() and metrics.read_text()) and proc.poll() is None and time.monotonic() < deadline:

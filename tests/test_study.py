@@ -20,6 +20,7 @@ from msclip.study.spec import StudyError, load_study
 from msclip.study.stats import t_quantile, welch_interval
 from msclip.train.state import checkpoint_dir, list_checkpoints
 from proc_utils import run_logged, spawn
+from train_utils import slow_steps_hook
 
 SECTIONS = ["## Results", "## The paper's claims, measured", "## Plots", "Intervals: Welch t-interval"]
 PLOTS = ["accuracy_vs_shared.png", "nmi_layers.png", "modality_gap.png", "loss_curves.png"]
@@ -174,31 +175,13 @@ def test_jobs_get_a_share_of_the_cores_or_a_gpu_each(monkeypatch):
     assert [runner.slot_env(s, 2)[0]["CUDA_VISIBLE_DEVICES"] for s in range(3)] == ["0", "1", "0"]
 
 
-_SLOW_STEPS = """
-import time
-from msclip.train import loop
-
-_step = loop.TrainLoop.train_step
-
-
-def _slow_step(self, micro):
-    time.sleep(0.5)  # 12 steps: at least 6 s for the other run to start
-    return _step(self, micro)
-
-
-loop.TrainLoop.train_step = _slow_step
-"""
-
-
 def test_killing_the_study_stops_and_saves_its_runs_and_a_rerun_finishes_them(tmp_path, monkeypatch):
     """kill -9 of `msclip study --jobs 2`: its runs get SIGTERM instead of training on as orphans (which a
     re-run would find holding their folders), save the step they are in and stop; a re-run resumes them."""
     over = [f"output_dir={tmp_path}", "recipe.train.steps=12", "recipe.checkpoint.every=0"]  # saved: only at the stop
-    # the killed processes' steps are slowed (a sitecustomize), so neither run can finish before the other has
+    # the killed processes' steps are slowed (12 x 0.5 s), so neither run can finish before the other has
     # started, however unevenly they start; the in-process re-run below trains at full speed
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_SLOW_STEPS)
+    hook = slow_steps_hook(tmp_path, 0.5)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(hook), str(Path(__file__).parents[1] / "src")])}
     study = spawn([sys.executable, "-m", "msclip", "study", "--preset", "smoke", "--jobs", "2", *over], env=env,

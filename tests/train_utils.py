@@ -27,3 +27,29 @@ def tiny_recipe(tmp_path: Path, name: str, **over: object) -> Recipe:
         else:
             base[section] = value
     return recipe_from_dict(base, source="test")
+
+
+_SLOW_STEPS = """
+import time
+from msclip.train import loop
+
+_step = loop.TrainLoop.train_step
+
+
+def _slow_step(self, micro):
+    time.sleep({seconds})
+    return _step(self, micro)
+
+
+loop.TrainLoop.train_step = _slow_step
+"""
+
+
+def slow_steps_hook(folder: Path, seconds: float) -> Path:
+    """A folder with a sitecustomize that makes every training step of a process with it first on PYTHONPATH
+    sleep ``seconds``: a test that signals or kills a run mid-way then surely finds it mid-way, however loaded
+    the machine, while few steps keep the test short."""
+    hook = folder / "slow-steps"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_SLOW_STEPS.format(seconds=seconds))
+    return hook
