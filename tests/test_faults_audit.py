@@ -289,12 +289,16 @@ def test_damaged_weights_are_one_error_line_naming_the_file(tmp_path, assets, da
     assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.npy"))
 
 
-@pytest.fixture(scope="module")
-def good_index(assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("goodindex") / "ix"
-    assert cli(["index", "--model", MODEL, "--pretrained", str(assets["ckpt"]), "--images", str(assets["imgs"]),
+def _on_assets(command: str, assets, out: Path) -> Path:
+    """`msclip index|embed` of the module's images with its checkpoint into `out` (for module-scoped references)."""
+    assert cli([command, "--model", MODEL, "--pretrained", str(assets["ckpt"]), "--images", str(assets["imgs"]),
                 "--output", str(out), *CPU]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def good_index(assets, tmp_path_factory):
+    return _on_assets("index", assets, tmp_path_factory.mktemp("goodindex") / "ix")
 
 
 def _damage(good: Path, tmp_path: Path, role: str, how: str) -> tuple[Path, Path]:
@@ -422,10 +426,7 @@ def test_index_killed_while_writing_then_rerun_gives_the_uninterrupted_index(
 
 @pytest.fixture(scope="module")
 def embed_reference(assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("refembed") / "emb.npy"
-    assert cli(["embed", "--model", MODEL, "--pretrained", str(assets["ckpt"]), "--images", str(assets["imgs"]),
-                "--output", str(out), *CPU]) == 0
-    return out
+    return _on_assets("embed", assets, tmp_path_factory.mktemp("refembed") / "emb.npy")
 
 
 @pytest.mark.parametrize("where, target", [("mid", "emb.npy"), ("before_rename", "emb.json")])
